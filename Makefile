@@ -1,0 +1,44 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run test ui lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision are pinned in pyproject.toml; pip takes them from the local disk here.
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the whole DVC pipeline on the embedded sample, then print the results.
+run: $(STAMP)
+	test -d .dvc || dvc init -q
+	dvc repro
+	$(PY) -m pipeline.report
+
+## The whole test suite (real Ray, MLflow, DVC on tiny generated data).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## The MLflow UI over the local store, on 127.0.0.1 only.
+ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+lint: $(STAMP)
+	ruff check pipeline stages models tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/model.py
+	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/train_overhead.py
+
+clean:
+	rm -rf data artifacts metrics plots mlflow.db mlruns

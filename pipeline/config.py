@@ -1,0 +1,267 @@
+"""params.yaml as frozen, typed dataclasses: one per section, validated on load.
+
+Every stage reads its section through `load_section`, so a typo, a wrong type or an
+out-of-range value fails before any work starts, with an error that names the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that is missing, unknown, mistyped or out of range."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """Field metadata for a numeric bound: lo <= v <= hi (lo < v when lo_open)."""
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where every file of the pipeline lives (paths are defined here and nowhere else).
+
+    `raw` may be a local path or a pyarrow.fs URI (s3://, gs://) so a cluster can read
+    ImageNet from object storage.
+    """
+
+    raw: str = "data/sample"
+    shards: str = "data/shards"
+    stats: str = "data/stats.json"
+    format: Literal["parquet", "webdataset"] = "parquet"  # the shard format training reads
+    checkpoints: str = "artifacts/checkpoints"  # Ray Train RunConfig.storage_path
+    model: str = "artifacts/model"
+    train_metrics: str = "metrics/train.json"
+    eval_metrics: str = "metrics/eval.json"
+    shard_metrics: str = "metrics/shard.json"
+    plots: str = "plots"
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """The embedded ILSVRC-2012-shaped sample generator."""
+
+    num_classes: int = field(default=10, metadata=_range(2, 1000))
+    train_per_class: int = field(default=300, metadata=_range(1))
+    val_per_class: int = field(default=50, metadata=_range(1))
+    seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    """Resizing and sharding (paper: shorter side 256, centre crop 256x256)."""
+
+    source: Literal["imagenet", "cifar10"] = "imagenet"
+    size: int = field(default=256, metadata=_range(32, 1024))
+    quality: int = field(default=90, metadata=_range(1, 100))
+    format: Literal["parquet", "webdataset", "both"] = "both"
+    shard_size: int = field(default=1000, metadata=_range(1))
+    seed: int = field(default=0, metadata=_range(0))
+    max_bad_fraction: float = field(default=0.001, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    """Training-set statistics (mean, std, RGB covariance eigenpairs for PCA lighting)."""
+
+    max_images: int = field(default=0, metadata=_range(0))  # 0: every training image
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Network choice and the paper's ablation switches (see models/)."""
+
+    arch: Literal["paper", "torchvision", "cifar"] = "paper"
+    activation: Literal["relu", "tanh"] = "relu"
+    pooling: Literal["overlap", "nonoverlap"] = "overlap"
+    lrn: bool = True
+    groups: int = field(default=2, metadata={"choices": (1, 2)})
+    dropout: float = field(default=0.5, metadata=_range(0.0, 0.99))
+    width: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))
+
+    def __post_init__(self) -> None:
+        # torchvision's variant and the CIFAR net have no LRN and no two-tower groups.
+        if self.arch != "paper":
+            if self.lrn:
+                raise ParamsError(f"model.lrn=True: expected false for model.arch={self.arch!r}")
+            if self.groups != 1:
+                raise ParamsError(f"model.groups={self.groups}: expected 1 for model.arch={self.arch!r}")
+        if self.arch == "torchvision" and self.pooling != "overlap":
+            raise ParamsError(f"model.pooling={self.pooling!r}: expected 'overlap' for model.arch='torchvision'")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The paper's SGD-momentum recipe and the Ray Train scaling/fault-tolerance knobs."""
+
+    epochs: int = field(default=90, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))  # global, split over workers
+    lr: float = field(default=0.01, metadata=_range(0.0, 10.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 0.999))
+    weight_decay: float = field(default=0.0005, metadata=_range(0.0, 1.0))
+    schedule: Literal["plateau", "step"] = "plateau"
+    patience: int = field(default=2, metadata=_range(0))
+    max_reductions: int = field(default=3, metadata=_range(0))
+    step_size: int = field(default=30, metadata=_range(1))
+    crop: int = field(default=227, metadata=_range(16, 1024))
+    pca_std: float = field(default=0.1, metadata=_range(0.0, 10.0))
+    seed: int = field(default=0, metadata=_range(0))
+    num_workers: int = field(default=1, metadata=_range(1))
+    use_gpu: bool = False
+    cpus_per_worker: int = field(default=1, metadata=_range(1))
+    augment_threads: int = field(default=2, metadata=_range(1))
+    max_failures: int = field(default=2, metadata=_range(-1))
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    gpu_augment: bool = False
+    run_name: str = "alexnet"
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Validation: centre crop and the paper's 10-crop."""
+
+    batch_size: int = field(default=128, metadata=_range(1))
+    ten_crop: bool = True
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    """Experiment tracking. The tracking URI itself comes from MLFLOW_TRACKING_URI or
+    defaults to the local SQLite store; it never lives in params (it may hold secrets)."""
+
+    experiment: str = "alexnet"
+    registered_model: str = "alexnet"
+    system_metrics: bool = True
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataParams,
+    "sample": SampleParams,
+    "shard": ShardParams,
+    "stats": StatsParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "mlflow": MlflowParams,
+}
+
+T = TypeVar("T")
+
+
+def _describe(tp: Any) -> str:
+    """Human-readable form of an allowed type, for error messages."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Returns `value` coerced to `tp` (int -> float only) or raises ParamsError."""
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise ParamsError(f"{key}={value!r}: expected {_describe(tp)}")
+        return value
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            ok = math.isfinite(value)
+    elif tp is str:
+        ok = isinstance(value, str) and value != ""
+    else:  # pragma: no cover - a new field type must be handled above
+        raise TypeError(f"unsupported params type {tp} for {key}")
+    if not ok:
+        raise ParamsError(f"{key}={value!r}: expected {_describe(tp)}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ParamsError(f"{key}={value!r}: expected one of {', '.join(map(repr, meta['choices']))}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and value > hi
+        if too_low or too_high:
+            lo_txt = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+            hi_txt = "" if hi is None else f" <= {hi}"
+            raise ParamsError(f"{key}={value!r}: expected {_describe(tp)} with {lo_txt}value{hi_txt}")
+    return value
+
+
+def parse_section(name: str, raw: Any, cls: type[T]) -> T:
+    """Builds the frozen dataclass `cls` from the mapping `raw` of section `name`.
+
+    Args:
+        name: Section name, used in error messages (``train``).
+        raw: The section's mapping from YAML; None means all defaults.
+        cls: The section's dataclass.
+
+    Returns:
+        The validated, frozen section.
+
+    Raises:
+        ParamsError: On an unknown key, a wrong type or an out-of-range value.
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{name}: expected a mapping of keys to values, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: _check_value(f"{name}.{k}", v, hints[k], fields[k].metadata) for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Reads and validates every section of a params file.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        Section name -> frozen dataclass, for every known section.
+
+    Raises:
+        ParamsError: On a missing file, an unknown section or any bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+    return {name: parse_section(name, raw.get(name), cls) for name, cls in SECTIONS.items()}
+
+
+def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:
+    """Validates the whole params file, then returns one section (for a stage's main())."""
+    return load_params(path)[name]
+
+
+def as_flat_dict(params: dict[str, Any]) -> dict[str, Any]:
+    """Section dataclasses -> {"train.lr": 0.01, ...}, for experiment tracking."""
+    return {
+        f"{name}.{k}": v for name, sec in params.items() for k, v in dataclasses.asdict(sec).items()
+    }
+
