@@ -98,7 +98,9 @@ class ModelParams:
             if self.groups != 1:
                 raise ParamsError(f"model.groups={self.groups}: expected 1 for model.arch={self.arch!r}")
         if self.arch == "torchvision" and self.pooling != "overlap":
-            raise ParamsError(f"model.pooling={self.pooling!r}: expected 'overlap' for model.arch='torchvision'")
+            raise ParamsError(
+                f"model.pooling={self.pooling!r}: expected 'overlap' for model.arch='torchvision'"
+            )
 
 
 @dataclass(frozen=True)
@@ -222,9 +224,7 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}"
-        )
+        raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {k: _check_value(f"{name}.{k}", v, hints[k], fields[k].metadata) for k, v in raw.items()}
     return cls(**values)
@@ -261,7 +261,4 @@ def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:
 
 def as_flat_dict(params: dict[str, Any]) -> dict[str, Any]:
     """Section dataclasses -> {"train.lr": 0.01, ...}, for experiment tracking."""
-    return {
-        f"{name}.{k}": v for name, sec in params.items() for k, v in dataclasses.asdict(sec).items()
-    }
-
+    return {f"{name}.{k}": v for name, sec in params.items() for k, v in dataclasses.asdict(sec).items()}

@@ -33,7 +33,13 @@ def test_defaults_are_the_papers_recipe() -> None:
     assert (train.batch_size, train.lr, train.momentum, train.weight_decay) == (128, 0.01, 0.9, 0.0005)
     assert (train.crop, train.pca_std, train.schedule, train.max_reductions) == (227, 0.1, "plateau", 3)
     model = parse_section("model", {}, SECTIONS["model"])
-    assert (model.lrn, model.groups, model.pooling, model.dropout, model.width) == (True, 2, "overlap", 0.5, 1.0)
+    assert (model.lrn, model.groups, model.pooling, model.dropout, model.width) == (
+        True,
+        2,
+        "overlap",
+        0.5,
+        1.0,
+    )
     shard = parse_section("shard", {}, SECTIONS["shard"])
     assert (shard.size, shard.quality, shard.max_bad_fraction) == (256, 90, 0.001)
 
@@ -71,8 +77,9 @@ def test_missing_params_file(tmp_path: Path) -> None:
 
 def test_stage_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
     write_params(tmp_path, train={"batch_size": -4})
-    out = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0
     assert "train.batch_size=-4: expected int with 1 <= value" in out.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
@@ -83,8 +90,10 @@ def test_stage_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
     [
         ({"arch": "torchvision"}, r"model\.lrn=True: expected false for model\.arch='torchvision'"),
         ({"arch": "cifar", "lrn": False}, r"model\.groups=2: expected 1 for model\.arch='cifar'"),
-        ({"arch": "torchvision", "lrn": False, "groups": 1, "pooling": "nonoverlap"},
-         r"model\.pooling='nonoverlap': expected 'overlap'"),
+        (
+            {"arch": "torchvision", "lrn": False, "groups": 1, "pooling": "nonoverlap"},
+            r"model\.pooling='nonoverlap': expected 'overlap'",
+        ),
     ],
 )
 def test_invalid_model_combinations(tmp_path: Path, model: dict, message: str) -> None:

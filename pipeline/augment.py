@@ -1,0 +1,162 @@
+"""The paper's data augmentation and evaluation crops, defined once for training and evaluation.
+
+Training (Krizhevsky et al. 2012, section 4.1): a random `crop` x `crop` patch of the
+stored `size` x `size` image, a horizontal flip with probability 1/2, and "fancy PCA"
+lighting: add eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, pca_std) drawn once
+per image per use. Then per-channel mean/std normalisation (pixels scaled to [0, 1]).
+
+Evaluation: the centre crop, or the paper's ten crops (four corners and centre, and their
+reflections), whose softmax outputs the caller averages.
+
+JPEG decoding runs in a thread pool: Pillow releases the GIL while decoding, so threads
+use every core without copying images between processes.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ColorStats:
+    """Training-set colour statistics, pixels in [0, 1] (the stats stage's JSON)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    eigval: tuple[float, float, float]  # descending
+    eigvec: tuple[tuple[float, ...], ...]  # eigvec[i][j]: component i of eigenvector j
+
+    @classmethod
+    def load(cls, path: str | Path) -> ColorStats:
+        """Reads the stats stage's JSON file.
+
+        Raises:
+            ValueError: When a key is missing or has the wrong shape.
+        """
+        raw = json.loads(Path(path).read_text())
+        try:
+            stats = cls(
+                mean=tuple(float(v) for v in raw["mean"]),
+                std=tuple(float(v) for v in raw["std"]),
+                eigval=tuple(float(v) for v in raw["eigval"]),
+                eigvec=tuple(tuple(float(v) for v in row) for row in raw["eigvec"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: expected keys mean, std, eigval, eigvec ({e})") from e
+        if len(stats.mean) != 3 or len(stats.std) != 3 or len(stats.eigval) != 3 or len(stats.eigvec) != 3:
+            raise ValueError(f"{path}: mean, std, eigval must have 3 values and eigvec 3x3")
+        return stats
+
+
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """Decodes one stored image to (H, W, 3) uint8 RGB."""
+    with Image.open(BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _normalize(crops: torch.Tensor, stats: ColorStats, shift: torch.Tensor | None) -> torch.Tensor:
+    """(B, h, w, 3) uint8 -> (B, 3, h, w) float32, lighting-shifted and normalised."""
+    x = crops.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, h, w) in [0, 1]
+    mean = torch.tensor(stats.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=x.device).view(1, 3, 1, 1)
+    if shift is not None:
+        x.add_(shift.view(-1, 3, 1, 1))
+    return x.sub_(mean).div_(std)
+
+
+def pca_shift(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: float) -> np.ndarray:
+    """Per-image RGB offsets of the paper's PCA lighting: (n, 3) float32.
+
+    shift_b = sum_i p_i * alpha_{b,i} * lambda_i with alpha ~ N(0, pca_std).
+    """
+    alpha = rng.normal(0.0, pca_std, size=(n, 3))  # (n, 3)
+    eigvec = np.asarray(stats.eigvec)  # (3, 3), columns are eigenvectors
+    return ((alpha * np.asarray(stats.eigval)) @ eigvec.T).astype(np.float32)
+
+
+class TrainAugment:
+    """Decode + random crop + flip + PCA lighting + normalisation for one batch at a time."""
+
+    def __init__(self, stats: ColorStats, crop: int, pca_std: float, threads: int = 2) -> None:
+        self.stats = stats
+        self.crop = crop
+        self.pca_std = pca_std
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="augment")
+
+    def _crop_one(self, jpeg: bytes, y: int, x: int, flip: bool) -> np.ndarray:
+        img = decode_rgb(jpeg)  # (S, S, 3) uint8
+        h, w = img.shape[:2]
+        if h < self.crop or w < self.crop:
+            raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={self.crop}")
+        y, x = y % (h - self.crop + 1), x % (w - self.crop + 1)
+        patch = img[y : y + self.crop, x : x + self.crop]
+        return patch[:, ::-1] if flip else patch
+
+    def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
+        """Augments one batch.
+
+        Args:
+            jpegs: Stored JPEG bytes, one per image.
+            rng: The batch's generator; the same generator state gives the same batch.
+
+        Returns:
+            (B, 3, crop, crop) float32, normalised.
+        """
+        n = len(jpegs)
+        # Offsets are drawn large and reduced modulo the valid range per image, so the
+        # draw does not depend on image sizes and the stream stays reproducible.
+        ys = rng.integers(0, 1 << 30, size=n)
+        xs = rng.integers(0, 1 << 30, size=n)
+        flips = rng.random(n) < 0.5
+        shift = pca_shift(rng, n, self.stats, self.pca_std)
+        crops = list(self._pool.map(self._crop_one, jpegs, ys, xs, flips))
+        batch = torch.from_numpy(np.stack(crops))  # (B, crop, crop, 3) uint8
+        return _normalize(batch, self.stats, torch.from_numpy(shift))
+
+    def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
+        """Decodes stored images on the augmentation threads: (S, S, 3) uint8 each."""
+        return list(self._pool.map(decode_rgb, jpegs))
+
+    def close(self) -> None:
+        """Stops the decode threads."""
+        self._pool.shutdown(wait=True)
+
+
+def ten_crop_boxes(size: int, crop: int) -> list[tuple[int, int]]:
+    """Top-left corners of the paper's five test patches: four corners, then the centre."""
+    c = (size - crop) // 2
+    m = size - crop
+    return [(0, 0), (0, m), (m, 0), (m, m), (c, c)]
+
+
+def eval_batch(images: list[np.ndarray], stats: ColorStats, crop: int, ten_crop: bool) -> torch.Tensor:
+    """Evaluation crops of decoded images.
+
+    Args:
+        images: (S, S, 3) uint8 images.
+        stats: Normalisation statistics.
+        crop: Patch size.
+        ten_crop: False: the centre crop only. True: the paper's ten patches.
+
+    Returns:
+        (B, 3, crop, crop) for the centre crop, or (B, 10, 3, crop, crop) float32:
+        five patches (corners, centre) then their reflections.
+    """
+    batch = torch.from_numpy(np.stack(images))  # (B, S, S, 3) uint8
+    size = batch.shape[1]
+    if size < crop or batch.shape[2] < crop:
+        raise ValueError(f"stored images are {size}x{batch.shape[2]}, smaller than crop={crop}")
+    boxes = ten_crop_boxes(size, crop) if ten_crop else [ten_crop_boxes(size, crop)[4]]
+    patches = [batch[:, y : y + crop, x : x + crop] for y, x in boxes]
+    if ten_crop:
+        patches += [p.flip(2) for p in patches]  # horizontal reflections (W axis)
+    out = torch.stack([_normalize(p, stats, None) for p in patches], dim=1)  # (B, K, 3, c, c)
+    return out if ten_crop else out[:, 0]

@@ -1,0 +1,134 @@
+"""MLflow tracking: one run per trained model, shared by the train and evaluate stages.
+
+Why one run with stage-prefixed keys rather than a parent with child runs per stage: DVC
+reruns only the stages whose inputs changed, so a "pipeline execution" is not one
+process; what people compare in the MLflow UI is trained models. The train stage opens the
+run (params, data version, code version, per-epoch metrics, shard and stats reports), the
+evaluate stage reopens it by id (recorded next to the model) and adds the evaluation
+metrics, plots and the registered model.
+
+The tracking URI comes from MLFLOW_TRACKING_URI, else a SQLite store in the working
+directory (`mlflow.db`), which `make ui` serves on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_STORE = "mlflow.db"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the local SQLite store (absolute, so Ray workers
+    started in other folders write to the same file)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fails fast when an HTTP tracking server does not answer.
+
+    Raises:
+        RuntimeError: Naming the URI and the cause, before any training starts.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise RuntimeError(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {e}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to use the local store."
+        ) from e
+
+
+def git_tags(repo: str | Path = ".") -> dict[str, str]:
+    """The code version: commit and whether the tree has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+
+
+def dvc_out_hashes(stage: str, lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """md5 of each output of a DVC stage, from dvc.lock ({} before the first repro)."""
+    lock = Path(lock_file)
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {o["path"]: o.get("md5", "") for o in stages.get(stage, {}).get("outs", [])}
+
+
+def run_tags() -> dict[str, str]:
+    """Tags every run carries: code version, data version, DVC experiment name."""
+    tags = git_tags()
+    tags.update({f"dvc.shard.{path}": md5 for path, md5 in dvc_out_hashes("shard").items()})
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+class EpochLogger:
+    """Per-epoch metrics from the rank-0 Ray Train worker, with step = epoch."""
+
+    def __init__(self, info: dict[str, str]) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=info["tracking_uri"])
+        self.run_id = info["run_id"]
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        """Logs one epoch's metrics (every key but `epoch` itself)."""
+        from mlflow.entities import Metric
+
+        step, now = int(metrics["epoch"]), int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def log_dataset(path: str, digest: str, name: str, context: str) -> None:
+    """Records a data input of the active run, with the DVC hash as its digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(Path(path).resolve()) if "://" not in path else path)
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36] or None), context=context)
+
+
+def register_model(run_id: str, model_name: str, val_top1_error: float) -> dict[str, Any]:
+    """Aliases the run's newest registered version `candidate`, and `champion` when its
+    val top-1 error beats the current champion's.
+
+    Returns:
+        {"version", "champion" (bool), "previous_champion_error"}.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    version = max(versions, key=lambda v: int(v.version))
+    client.set_model_version_tag(model_name, version.version, "val_top1_error", f"{val_top1_error:.6f}")
+    client.set_registered_model_alias(model_name, "candidate", version.version)
+    try:
+        champ = client.get_model_version_by_alias(model_name, "champion")
+        previous = float(champ.tags.get("val_top1_error", "inf"))
+    except MlflowException:
+        previous = float("inf")
+    is_champion = val_top1_error < previous
+    if is_champion:
+        client.set_registered_model_alias(model_name, "champion", version.version)
+    return {"version": int(version.version), "champion": is_champion, "previous_champion_error": previous}

@@ -1,0 +1,380 @@
+"""Data-parallel SGD-momentum AlexNet training on Ray Train (Train V2 APIs).
+
+The driver (`fit`) builds a `TorchTrainer`; every worker runs `train_loop_per_worker`:
+Ray Data streams JPEG bytes of its share of the train shards (`get_dataset_shard`),
+a thread pool decodes and augments them (pipeline.augment) one batch ahead of the model,
+and DDP (gloo on CPUs, NCCL on GPUs) averages gradients. Each epoch ends with validation,
+exact top-1/top-5 counts summed over all workers, and a checkpoint reported through
+`ray.train.report`, so a rerun with the same storage folder resumes where it stopped and a
+killed worker is replaced from the last checkpoint (FailureConfig.max_failures).
+
+Optimiser: PyTorch SGD with momentum and weight decay, v <- m v + (g + wd w), w <- w - lr v.
+With a constant lr this is the paper's update (v <- 0.9 v - 0.0005 e w - e g) with v scaled
+by 1/lr. The batch is global (train.batch_size, split evenly over workers); when changing
+it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from pipeline.augment import ColorStats, TrainAugment, eval_batch
+from pipeline.config import ModelParams, TrainParams
+
+STATE_FILE = "state.pt"
+
+
+class PlateauSchedule:
+    """The paper's schedule: divide lr by 10 when val error stops improving.
+
+    After `patience` epochs without a new best val top-1 error the lr drops tenfold; after
+    `max_reductions` drops, a further plateau ends training (the paper reduced three
+    times before stopping).
+    """
+
+    def __init__(self, lr: float, patience: int, max_reductions: int) -> None:
+        self.lr = lr
+        self.patience = patience
+        self.max_reductions = max_reductions
+        self.best = float("inf")
+        self.bad_epochs = 0
+        self.reductions = 0
+        self.stop = False
+
+    def step(self, val_error: float) -> None:
+        """Updates the schedule with one epoch's val top-1 error."""
+        if val_error < self.best:
+            self.best, self.bad_epochs = val_error, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            if self.reductions >= self.max_reductions:
+                self.stop = True
+            else:
+                self.lr /= 10.0
+                self.reductions += 1
+                self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()` output."""
+        vars(self).update(state)
+
+
+class StepSchedule:
+    """torchvision's reference recipe: lr /10 every `step_size` epochs."""
+
+    def __init__(self, lr: float, step_size: int) -> None:
+        self.base_lr = lr
+        self.lr = lr
+        self.step_size = step_size
+        self.epochs = 0
+        self.stop = False
+
+    def step(self, val_error: float) -> None:  # noqa: ARG002 - same interface as plateau
+        """Counts one epoch."""
+        self.epochs += 1
+        self.lr = self.base_lr * 0.1 ** (self.epochs // self.step_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()` output."""
+        vars(self).update(state)
+
+
+def make_schedule(p: TrainParams) -> PlateauSchedule | StepSchedule:
+    """The lr schedule chosen by train.schedule."""
+    if p.schedule == "plateau":
+        return PlateauSchedule(p.lr, p.patience, p.max_reductions)
+    return StepSchedule(p.lr, p.step_size)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Counts of top-1 and top-5 hits: logits (B, C), labels (B,)."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (B, k)
+    hits = top == labels.view(-1, 1)
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:
+    """The generator of one batch's augmentation: a pure function of where it is in the run."""
+    return np.random.default_rng([seed, epoch, rank, step])
+
+
+def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Runs `batches` in a background thread, `depth` items ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums counts over all workers (exact totals, not averages of per-worker means)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _autocast(p: TrainParams, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
+
+
+def _train_epoch(model, opt, loader, augment, p: TrainParams, epoch: int, rank: int, device) -> list[float]:
+    """One pass over this worker's shard. Returns [loss_sum, top1, top5, n]."""
+    model.train()
+    sums = [0.0, 0.0, 0.0, 0.0]
+
+    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step, batch in enumerate(loader):
+            x = augment(list(batch["jpeg"]), batch_rng(p.seed, epoch, rank, step))
+            yield x, torch.as_tensor(batch["label"], dtype=torch.long)
+
+    for x, y in _prefetch(prepared()):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if p.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(p, device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t1, t5 = topk_correct(logits.detach(), y)
+        sums = [sums[0] + float(loss) * len(y), sums[1] + t1, sums[2] + t5, sums[3] + len(y)]
+    return sums
+
+
+@torch.no_grad()
+def _validate(model, loader, stats: ColorStats, p: TrainParams, device, augment: TrainAugment) -> list[float]:
+    """Centre-crop validation over this worker's val shard. Returns [loss_sum, top1, top5, n]."""
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]
+
+    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in loader:
+            images = augment.decode(batch["jpeg"])
+            yield eval_batch(images, stats, p.crop, ten_crop=False), torch.as_tensor(batch["label"])
+
+    for x, y in _prefetch(prepared()):
+        x, y = x.to(device), y.to(device)
+        with _autocast(p, device):
+            logits = model(x).float()
+        t1, t5 = topk_correct(logits, y)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        sums = [sums[0] + float(loss), sums[1] + t1, sums[2] + t5, sums[3] + len(y)]
+    return sums
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def _save_state(path: Path, model, opt, sched, epoch: int, history: list, restarts: int, cfg: dict) -> None:
+    torch.save(
+        {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "schedule": sched.state_dict(),
+            "epoch": epoch,
+            "history": history,
+            "restarts": restarts,
+            "torch_rng": torch.get_rng_state(),
+            "params": {"model": cfg["model"], "train": cfg["train"]},
+        },
+        path / STATE_FILE,
+    )
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Reads a training checkpoint (tensors and plain data only: weights_only=True)."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """The Ray Train worker function.
+
+    Args:
+        cfg: {"model": ModelParams fields, "train": TrainParams fields, "stats": ColorStats
+            fields, "num_classes": int, "mlflow": {"tracking_uri", "run_id"} or None}.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from pipeline import tracking
+
+    mp, p = ModelParams(**cfg["model"]), TrainParams(**cfg["train"])
+    stats = ColorStats(**cfg["stats"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, p.cpus_per_worker))
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(p.seed)  # identical initial weights on every worker
+    model = build_model(
+        mp.arch,
+        num_classes=cfg["num_classes"],
+        activation=mp.activation,
+        pooling=mp.pooling,
+        lrn=mp.lrn,
+        groups=mp.groups,
+        dropout=mp.dropout,
+        width=mp.width,
+    )
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    sched = make_schedule(p)
+    start_epoch, history, restarts = 0, [], 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
+
+    model = ray.train.torch.prepare_model(model)
+    if p.compile:
+        model = torch.compile(model)
+    augment = TrainAugment(stats, p.crop, p.pca_std, threads=p.augment_threads)
+    local_batch = p.batch_size // world
+    logger = tracking.EpochLogger(cfg["mlflow"]) if rank == 0 and cfg["mlflow"] else None
+
+    for epoch in range(start_epoch, p.epochs):
+        if sched.stop:
+            break
+        for group in opt.param_groups:
+            group["lr"] = sched.lr
+        t0 = time.perf_counter()
+        train_loader = ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=local_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * local_batch, 1024),
+            local_shuffle_seed=p.seed * 100_003 + epoch,  # a fresh, reproducible order per epoch
+        )
+        tr = _all_reduce_sum(_train_epoch(model, opt, train_loader, augment, p, epoch, rank, device), device)
+        train_time = time.perf_counter() - t0
+        val_loader = ray.train.get_dataset_shard("val").iter_batches(
+            batch_size=local_batch, batch_format="numpy"
+        )
+        va = _all_reduce_sum(_validate(model, val_loader, stats, p, device, augment), device)
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": sched.lr,
+            "train_loss": tr[0] / max(tr[3], 1),
+            "train_top1_error": 1 - tr[1] / max(tr[3], 1),
+            "train_top5_error": 1 - tr[2] / max(tr[3], 1),
+            "val_loss": va[0] / max(va[3], 1),
+            "val_top1_error": 1 - va[1] / max(va[3], 1),
+            "val_top5_error": 1 - va[2] / max(va[3], 1),
+            "images_per_s": tr[3] / train_time,
+            "epoch_time_s": time.perf_counter() - t0,
+            "restarts": restarts,
+        }
+        sched.step(metrics["val_top1_error"])
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                _save_state(Path(tmp), model, opt, sched, epoch + 1, history, restarts, cfg)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                checkpoint_dir_name=f"epoch-{epoch + 1:04d}",
+            )
+        if logger:  # after the checkpoint: a crash before it reruns (and logs) the epoch once
+            logger.log_epoch(metrics)
+    augment.close()
+
+
+def worker_config(
+    mp: ModelParams, p: TrainParams, stats: ColorStats, num_classes: int, mlflow_info: dict[str, str] | None
+) -> dict[str, Any]:
+    """The plain-data config that travels to every worker."""
+    return {
+        "model": dataclasses.asdict(mp),
+        "train": dataclasses.asdict(p),
+        "stats": dataclasses.asdict(stats),
+        "num_classes": num_classes,
+        "mlflow": mlflow_info,
+    }
+
+
+def fit(train_ds, val_ds, cfg: dict[str, Any], storage_path: str, name: str):
+    """Runs (or resumes) training on Ray and returns the Ray Train Result.
+
+    Args:
+        train_ds: Ray Dataset with columns key, label, jpeg (train shards).
+        val_ds: Same for the val shards.
+        cfg: `worker_config(...)` output.
+        storage_path: RunConfig.storage_path: a local folder or a shared URI.
+        name: Run name; rerunning with the same (storage_path, name) resumes.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    p = TrainParams(**cfg["train"])
+    if p.batch_size % p.num_workers:
+        raise ValueError(
+            f"train.batch_size={p.batch_size} must be divisible by train.num_workers={p.num_workers}"
+        )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # preserve_order: with fixed seeds, a resumed run sees exactly the batches an
+        # uninterrupted one would.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,15 @@
+"""DVC stage `evaluate`: centre-crop and 10-crop val error, reports, model registry."""
+
+import json
+
+from pipeline.config import load_params
+from pipeline.evaluation import evaluate
+
+
+def main() -> None:
+    """Reads params.yaml and evaluates the train stage's model on the val shards."""
+    print(json.dumps(evaluate(load_params()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
