@@ -63,12 +63,12 @@ def decode_rgb(jpeg: bytes) -> np.ndarray:
 
 
 def _normalize(crops: torch.Tensor, stats: ColorStats, shift: torch.Tensor | None) -> torch.Tensor:
-    """(B, h, w, 3) uint8 -> (B, 3, h, w) float32, lighting-shifted and normalised."""
-    x = crops.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, h, w) in [0, 1]
+    """(B, 3, h, w) uint8 -> (B, 3, h, w) float32, lighting-shifted and normalised."""
+    x = crops.float().div_(255.0)  # [0, 1]
     mean = torch.tensor(stats.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(stats.std, device=x.device).view(1, 3, 1, 1)
     if shift is not None:
-        x.add_(shift.view(-1, 3, 1, 1))
+        x.add_(shift.to(x.device).view(-1, 3, 1, 1))
     return x.sub_(mean).div_(std)
 
 
@@ -80,6 +80,18 @@ def pca_shift(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: floa
     alpha = rng.normal(0.0, pca_std, size=(n, 3))  # (n, 3)
     eigvec = np.asarray(stats.eigvec)  # (3, 3), columns are eigenvectors
     return ((alpha * np.asarray(stats.eigval)) @ eigvec.T).astype(np.float32)
+
+
+def _draws(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: float):
+    """One batch's random choices: crop offsets, flips (n,) and lighting shifts (n, 3).
+
+    Offsets are drawn large and reduced modulo each image's valid range, so the draws do
+    not depend on image sizes and CPU and GPU paths consume the stream identically.
+    """
+    ys = rng.integers(0, 1 << 30, size=n)
+    xs = rng.integers(0, 1 << 30, size=n)
+    flips = rng.random(n) < 0.5
+    return ys, xs, flips, pca_shift(rng, n, stats, pca_std)
 
 
 class TrainAugment:
@@ -110,15 +122,9 @@ class TrainAugment:
         Returns:
             (B, 3, crop, crop) float32, normalised.
         """
-        n = len(jpegs)
-        # Offsets are drawn large and reduced modulo the valid range per image, so the
-        # draw does not depend on image sizes and the stream stays reproducible.
-        ys = rng.integers(0, 1 << 30, size=n)
-        xs = rng.integers(0, 1 << 30, size=n)
-        flips = rng.random(n) < 0.5
-        shift = pca_shift(rng, n, self.stats, self.pca_std)
+        ys, xs, flips, shift = _draws(rng, len(jpegs), self.stats, self.pca_std)
         crops = list(self._pool.map(self._crop_one, jpegs, ys, xs, flips))
-        batch = torch.from_numpy(np.stack(crops))  # (B, crop, crop, 3) uint8
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (B, 3, crop, crop) uint8
         return _normalize(batch, self.stats, torch.from_numpy(shift))
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
@@ -155,8 +161,49 @@ def eval_batch(images: list[np.ndarray], stats: ColorStats, crop: int, ten_crop:
     if size < crop or batch.shape[2] < crop:
         raise ValueError(f"stored images are {size}x{batch.shape[2]}, smaller than crop={crop}")
     boxes = ten_crop_boxes(size, crop) if ten_crop else [ten_crop_boxes(size, crop)[4]]
-    patches = [batch[:, y : y + crop, x : x + crop] for y, x in boxes]
+    batch = batch.permute(0, 3, 1, 2)  # (B, 3, S, S)
+    patches = [batch[..., y : y + crop, x : x + crop] for y, x in boxes]
     if ten_crop:
-        patches += [p.flip(2) for p in patches]  # horizontal reflections (W axis)
+        patches += [p.flip(-1) for p in patches]  # horizontal reflections (W axis)
     out = torch.stack([_normalize(p, stats, None) for p in patches], dim=1)  # (B, K, 3, c, c)
     return out if ten_crop else out[:, 0]
+
+
+class GpuTrainAugment:
+    """The same augmentation with decoding on the GPU (nvJPEG through torchvision).
+
+    `torchvision.io.decode_jpeg` takes the whole batch as a list and decodes it on the
+    device; crops, flips, lighting and normalisation then run there too, so the CPU only
+    moves compressed bytes. Consumes the generator exactly like `TrainAugment`.
+    """
+
+    def __init__(self, stats: ColorStats, crop: int, pca_std: float, device: torch.device | str) -> None:
+        self.stats = stats
+        self.crop = crop
+        self.pca_std = pca_std
+        self.device = torch.device(device)
+
+    def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
+        """Augments one batch: (B, 3, crop, crop) float32 on `device`."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        ys, xs, flips, shift = _draws(rng, len(jpegs), self.stats, self.pca_std)
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)  # [(3, S, S) uint8]
+        c = self.crop
+        crops = []
+        for img, y, x, flip in zip(images, ys, xs, flips, strict=True):
+            h, w = img.shape[1:]
+            if h < c or w < c:
+                raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={c}")
+            y, x = int(y % (h - c + 1)), int(x % (w - c + 1))
+            patch = img[:, y : y + c, x : x + c]
+            crops.append(patch.flip(-1) if flip else patch)
+        return _normalize(torch.stack(crops), self.stats, torch.from_numpy(shift))
+
+    def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
+        """Decodes for validation on the CPU: (S, S, 3) uint8 each."""
+        return [decode_rgb(b) for b in jpegs]
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -130,6 +130,10 @@ class TrainParams:
     gpu_augment: bool = False
     run_name: str = "alexnet"
 
+    def __post_init__(self) -> None:
+        if self.gpu_augment and not self.use_gpu:
+            raise ParamsError("train.gpu_augment=True: expected false unless train.use_gpu is true")
+
 
 @dataclass(frozen=True)
 class EvaluateParams:

@@ -20,6 +20,7 @@ import torch
 from pipeline import tracking
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.augment import ColorStats, decode_rgb, eval_batch
+from pipeline.cluster import init_ray
 from pipeline.model_io import load_model
 from pipeline.shards import read_shards
 from pipeline.tracking import register_model
@@ -199,7 +200,6 @@ def evaluate(params: dict[str, Any]) -> dict[str, Any]:
         The metrics written to the eval metrics JSON.
     """
     import mlflow
-    import ray
 
     data, ev = params["data"], params["evaluate"]
     model, card = load_model(data.model)
@@ -208,7 +208,7 @@ def evaluate(params: dict[str, Any]) -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     meta = json.loads((Path(data.shards) / "meta.json").read_text())
 
-    ray.init(ignore_reinit_error=True)
+    init_ray()
     ds = read_shards(data.shards, "val", fmt=data.format, decode=False)
     result = score(ds, data.model, ev.ten_crop, ev.batch_size, card["num_classes"])
     plots = Path(data.plots)

@@ -12,6 +12,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.atomic import atomic_write_text
 from pipeline.augment import ColorStats
+from pipeline.cluster import init_ray
 from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams, as_flat_dict
 from pipeline.model_io import save_model
 from pipeline.runstate import RunState, run_key, storage_uri
@@ -78,7 +79,6 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
         The final epoch's metrics plus run identifiers.
     """
     import mlflow
-    import ray
 
     data: DataParams = params["data"]
     mp: ModelParams = params["model"]
@@ -93,7 +93,7 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
     run_id = _open_mlflow_run(state, params, data, params["mlflow"])
 
-    ray.init(ignore_reinit_error=True)  # RAY_ADDRESS, if set, selects an existing cluster
+    init_ray()
     datasets = {s: read_shards(data.shards, s, fmt=data.format, decode=False) for s in ("train", "val")}
     cfg = worker_config(mp, p, stats, len(meta["classes"]), {"tracking_uri": uri, "run_id": run_id})
     with mlflow.start_run(run_id=run_id, log_system_metrics=params["mlflow"].system_metrics):

@@ -97,6 +97,14 @@ class EpochLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """After a resume, logs the checkpointed epochs the run does not hold yet (an
+        interruption between checkpoint and logging), so every epoch is logged once."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1_error")}
+        for metrics in history:
+            if int(metrics["epoch"]) not in logged:
+                self.log_epoch(metrics)
+
 
 def log_dataset(path: str, digest: str, name: str, context: str) -> None:
     """Records a data input of the active run, with the DVC hash as its digest."""

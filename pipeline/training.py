@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from pipeline.augment import ColorStats, TrainAugment, eval_batch
+from pipeline.augment import ColorStats, GpuTrainAugment, TrainAugment, eval_batch
 from pipeline.config import ModelParams, TrainParams
 
 STATE_FILE = "state.pt"
@@ -178,7 +178,7 @@ def _train_epoch(model, opt, loader, augment, p: TrainParams, epoch: int, rank: 
 
 
 @torch.no_grad()
-def _validate(model, loader, stats: ColorStats, p: TrainParams, device, augment: TrainAugment) -> list[float]:
+def _validate(model, loader, stats: ColorStats, p: TrainParams, device, augment) -> list[float]:
     """Centre-crop validation over this worker's val shard. Returns [loss_sum, top1, top5, n]."""
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]
@@ -273,9 +273,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     if p.compile:
         model = torch.compile(model)
-    augment = TrainAugment(stats, p.crop, p.pca_std, threads=p.augment_threads)
+    if p.gpu_augment and device.type == "cuda":
+        augment = GpuTrainAugment(stats, p.crop, p.pca_std, device)
+    else:
+        augment = TrainAugment(stats, p.crop, p.pca_std, threads=p.augment_threads)
     local_batch = p.batch_size // world
     logger = tracking.EpochLogger(cfg["mlflow"]) if rank == 0 and cfg["mlflow"] else None
+    if logger:
+        logger.backfill(history)
 
     for epoch in range(start_epoch, p.epochs):
         if sched.stop:

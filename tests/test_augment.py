@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import ColorStats, TrainAugment, eval_batch, pca_shift, ten_crop_boxes
+from pipeline.augment import ColorStats, GpuTrainAugment, TrainAugment, eval_batch, pca_shift, ten_crop_boxes
 
 IDENTITY = ColorStats(
     mean=(0.0, 0.0, 0.0),
@@ -119,3 +119,17 @@ def test_stats_file_errors_name_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"mean": [0.5, 0.5, 0.5]}))
     with pytest.raises(ValueError, match="stats.json: expected keys mean, std, eigval, eigvec"):
         ColorStats.load(path)
+
+
+def test_gpu_path_matches_cpu_path_on_the_same_draws(images: list[np.ndarray]) -> None:
+    # The GPU option's code, run on the CPU device (CI has no GPU): same draws, same crops.
+    def jpeg(img: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    jpegs = [jpeg(i) for i in images]
+    cpu = TrainAugment(IDENTITY, crop=32, pca_std=0.1)(jpegs, np.random.default_rng(11))
+    dev = GpuTrainAugment(IDENTITY, crop=32, pca_std=0.1, device="cpu")(jpegs, np.random.default_rng(11))
+    assert dev.shape == cpu.shape == (6, 3, 32, 32)
+    assert (dev - cpu).abs().max() <= 2 / 255 + 1e-6  # two JPEG decoders, within rounding

@@ -1,0 +1,35 @@
+"""DVC stage `shard`: ImageNet (or CIFAR-10) tree -> resized Parquet/WebDataset shards on Ray."""
+
+import json
+
+from pipeline.atomic import atomic_write_text
+from pipeline.cluster import init_ray
+from pipeline.config import load_params
+from pipeline.imagenet import ingest_cifar10, ingest_imagenet
+from pipeline.shards import write_shards
+
+
+def main() -> None:
+    """Ingests data.raw and writes data.shards plus the shard metrics."""
+    params = load_params()
+    data, s = params["data"], params["shard"]
+    catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
+    init_ray()
+    metrics = write_shards(
+        catalog.records,
+        data.shards,
+        classes=catalog.classes,
+        names=catalog.names,
+        size=s.size,
+        quality=s.quality,
+        fmt=s.format,
+        shard_size=s.shard_size,
+        seed=s.seed,
+        max_bad_fraction=s.max_bad_fraction,
+    )
+    atomic_write_text(data.shard_metrics, json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()
