@@ -1,0 +1,50 @@
+"""compute_stats against numpy on the decoded training pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_imagenet import make_imagenet
+
+from pipeline.imagenet import ingest_imagenet
+from pipeline.shards import read_shards, write_shards
+from pipeline.stats import compute_stats
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("stats")
+    catalog = ingest_imagenet(str(make_imagenet(base / "src", "folders")))
+    out = base / "out"
+    write_shards(
+        catalog.records, out, classes=catalog.classes, size=48, shard_size=2, progress=False
+    )
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_stats_match_numpy(shards: Path, fmt: str) -> None:
+    stats = compute_stats(str(shards), fmt=fmt)
+    images = [row["image"] for row in read_shards(str(shards), "train").take_all()]
+    x = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float64) / 255  # (P, 3)
+    assert stats["num_images"] == len(images) == 7
+    assert stats["num_pixels"] == len(x) == 7 * 48 * 48
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], x.std(axis=0), rtol=1e-8)
+    cov = np.cov(x, rowvar=False, bias=True)
+    np.testing.assert_allclose(stats["cov"], cov, rtol=1e-8, atol=1e-12)
+    eigval, eigvec = np.array(stats["eigval"]), np.array(stats["eigvec"])
+    assert np.all(np.diff(eigval) < 0)  # descending
+    np.testing.assert_allclose(eigval, np.linalg.eigvalsh(cov)[::-1], rtol=1e-8)
+    for j in range(3):  # columns are eigenvectors
+        np.testing.assert_allclose(cov @ eigvec[:, j], eigval[j] * eigvec[:, j], atol=1e-12)
+    np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-12)
+    assert json.loads(json.dumps(stats)) == stats
+
+
+def test_stats_rejects_unknown_format(shards: Path) -> None:
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        compute_stats(str(shards), fmt="tfrecord")
