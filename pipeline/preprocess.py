@@ -71,7 +71,7 @@ def preprocess_image(
         corrupt or non-image input (never raises for bad input).
     """
     if isinstance(data, np.ndarray):
-        return _resize_crop_encode(Image.fromarray(data, "RGB"), data.shape[:2], size, quality)
+        return _resize_crop_encode(Image.fromarray(data), data.shape[:2], size, quality)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone in this process turned Pillow's padding of short files on; truncated
         # inputs would then pass silently.

@@ -23,7 +23,10 @@ interrupted at any point leaves either the previous output or nothing usable und
 Parallelism: one Ray task per shard (reads its files, preprocesses, writes its Parquet
 part and tar, returns counts and quarantine rows); the driver keeps at most
 `max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
-number of images. Measured on 2 cores this beat Ray Data pipelines (see report).
+number of images. Measured against Ray Data on the benchmark corpus (5,000 files, 2
+cores shared with other jobs, load 3-4): these tasks, writing both formats, ran at 446
+and 718 images/s; read_binary_files + map_batches + write_parquet at 284 (defaults),
+316 (batch_size=64) and 407 images/s (also 40 read blocks).
 """
 
 from __future__ import annotations
