@@ -33,7 +33,7 @@ def _shard_moments(uri: str, fmt: str) -> tuple[int, int, np.ndarray, np.ndarray
     return images, pixels, total, cross
 
 
-def compute_stats(shards_dir: str, *, fmt: str = "parquet") -> dict:
+def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0) -> dict:
     """Computes pixel statistics of the training shards, one Ray task per shard.
 
     Initialises a local Ray if the caller has not.
@@ -41,6 +41,8 @@ def compute_stats(shards_dir: str, *, fmt: str = "parquet") -> dict:
     Args:
         shards_dir: The `out_dir` of `write_shards` (local path or URI).
         fmt: Which copy of the shards to read: "parquet" or "webdataset".
+        max_shards: Use only the first this many train shards (0: all). Train shards
+            are class-mixed by the seeded shuffle, so a prefix is a uniform sample.
 
     Returns:
         JSON-serialisable dict, pixels scaled to [0, 1]:
@@ -54,10 +56,14 @@ def compute_stats(shards_dir: str, *, fmt: str = "parquet") -> dict:
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if max_shards < 0:
+        raise ValueError(f"max_shards must be >= 0 (0: all), got {max_shards}")
+    uris = shard_files(shards_dir, "train", fmt)
+    uris = uris[:max_shards] if max_shards else uris
     if not ray.is_initialized():
         ray.init()
     task = ray.remote(_shard_moments)
-    parts = ray.get([task.remote(uri, fmt) for uri in shard_files(shards_dir, "train", fmt)])
+    parts = ray.get([task.remote(uri, fmt) for uri in uris])
     images = sum(p[0] for p in parts)
     pixels = sum(p[1] for p in parts)
     if pixels == 0:

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from test_imagenet import make_imagenet
 
 from pipeline.imagenet import ingest_imagenet
+from pipeline.preprocess import decode_jpeg
 from pipeline.shards import read_shards, write_shards
 from pipeline.stats import compute_stats
 
@@ -43,6 +45,14 @@ def test_stats_match_numpy(shards: Path, fmt: str) -> None:
         np.testing.assert_allclose(cov @ eigvec[:, j], eigval[j] * eigvec[:, j], atol=1e-12)
     np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-12)
     assert json.loads(json.dumps(stats)) == stats
+
+
+def test_max_shards_uses_a_prefix(shards: Path) -> None:
+    stats = compute_stats(str(shards), max_shards=1)
+    first = pq.read_table(shards / "parquet" / "train" / "part-00000.parquet")
+    x = np.concatenate([decode_jpeg(b).reshape(-1, 3) for b in first["jpeg"].to_pylist()]) / 255
+    assert stats["num_images"] == first.num_rows == 2
+    np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=1e-10)
 
 
 def test_stats_rejects_unknown_format(shards: Path) -> None:
