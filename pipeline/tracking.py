@@ -81,29 +81,37 @@ def run_tags() -> dict[str, str]:
 
 
 class EpochLogger:
-    """Per-epoch metrics from the rank-0 Ray Train worker, with step = epoch."""
+    """Per-epoch metrics from the rank-0 Ray Train worker, with step = epoch, each epoch
+    logged once per run.
+
+    After a resume, an epoch may be trained again (the interruption came after its metrics
+    were logged but before its checkpoint was registered) or not logged yet (the other way
+    round). Steps the run already holds are skipped (with fixed seeds the retrained epoch
+    reproduces them exactly) and checkpointed epochs it lacks are backfilled.
+    """
 
     def __init__(self, info: dict[str, str]) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=info["tracking_uri"])
         self.run_id = info["run_id"]
+        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1_error")}
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
-        """Logs one epoch's metrics (every key but `epoch` itself)."""
+        """Logs one epoch's metrics (every key but `epoch` itself), unless already logged."""
         from mlflow.entities import Metric
 
         step, now = int(metrics["epoch"]), int(time.time() * 1000)
+        if step in self.logged:
+            return
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
+        self.logged.add(step)
 
     def backfill(self, history: list[dict[str, float]]) -> None:
-        """After a resume, logs the checkpointed epochs the run does not hold yet (an
-        interruption between checkpoint and logging), so every epoch is logged once."""
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1_error")}
+        """Logs the checkpointed epochs the run does not hold yet."""
         for metrics in history:
-            if int(metrics["epoch"]) not in logged:
-                self.log_epoch(metrics)
+            self.log_epoch(metrics)
 
 
 def log_dataset(path: str, digest: str, name: str, context: str) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +22,74 @@ def ray_local() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny but complete profile: 3 classes, 72-px crops of 80-px shards, a width-1/8 paper
+# AlexNet (72 px is above the 67-px minimum of its conv/pool stack).
+TINY_PARAMS = {
+    "sample": {"num_classes": 3, "train_per_class": 16, "val_per_class": 4, "seed": 0},
+    "shard": {"size": 80, "shard_size": 16, "format": "both"},
+    "model": {"width": 0.125},
+    "train": {"epochs": 2, "batch_size": 16, "crop": 72, "patience": 1, "max_failures": 1},
+    "evaluate": {"batch_size": 16},
+    "mlflow": {"system_metrics": False},
+}
+
+
+def stage_env() -> dict[str, str]:
+    """The environment stages run in: the venv first on PATH (dvc.yaml calls `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_stage(workdir: Path, stage: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m stages.<stage>` in `workdir`; fails the test with its output on error."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=workdir,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, f"stage {stage} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def write_params(workdir: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """params.yaml = TINY_PARAMS updated section by section with `overrides`."""
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    path = workdir / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace after the sample, shard and stats stages of the tiny profile (read-only:
+    copy it with `workspace_copy` before running later stages)."""
+    ws = tmp_path_factory.mktemp("tiny_inputs")
+    write_params(ws)
+    for stage in ("sample", "shard", "stats"):
+        run_stage(ws, stage)
+    return ws
+
+
+@pytest.fixture
+def workspace_copy(tiny_inputs: Path, tmp_path: Path):
+    """Returns a function making a fresh copy of the tiny inputs under tmp_path/<name>."""
+
+    def copy(name: str, overrides: dict[str, dict] | None = None) -> Path:
+        ws = tmp_path / name
+        shutil.copytree(tiny_inputs, ws)
+        write_params(ws, overrides)
+        return ws
+
+    return copy

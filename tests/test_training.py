@@ -1,0 +1,130 @@
+"""Ray Train training: the schedule, exact resume after an interruption, and recovery from
+a SIGKILLed worker, all through the real train stage on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+
+from pipeline.training import PlateauSchedule, StepSchedule, topk_correct
+from tests.conftest import run_stage, stage_env
+
+
+def test_topk_counts() -> None:
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]]).repeat(3, 1)  # class 0 ranked first, 5 last
+    assert topk_correct(logits, torch.tensor([0, 2, 5])) == (1, 2)  # top-1, 3rd, 6th
+    assert topk_correct(logits[:, :3], torch.tensor([1, 2, 2])) == (0, 3)  # k = min(5, C)
+
+
+def test_plateau_schedule_divides_by_ten_then_stops() -> None:
+    s = PlateauSchedule(lr=0.01, patience=1, max_reductions=2)
+    for err in (0.5, 0.4, 0.4, 0.4):  # best, best, 1 bad (within patience), 2 bad -> /10
+        s.step(err)
+    assert s.lr == pytest.approx(0.001) and s.reductions == 1 and not s.stop
+    for err in (0.4, 0.4):
+        s.step(err)
+    assert s.lr == pytest.approx(0.0001) and s.reductions == 2
+    s.step(0.4)
+    s.step(0.4)
+    assert s.stop and s.lr == pytest.approx(0.0001)
+    restored = PlateauSchedule(lr=1.0, patience=0, max_reductions=0)
+    restored.load_state_dict(s.state_dict())
+    assert vars(restored) == vars(s)
+
+
+def test_step_schedule() -> None:
+    s = StepSchedule(lr=0.01, step_size=2)
+    lrs = []
+    for _ in range(5):
+        s.step(0.0)
+        lrs.append(s.lr)
+    assert lrs == pytest.approx([0.01, 0.001, 0.001, 0.0001, 0.0001])
+
+
+def weights(ws: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ws / "artifacts/model/model.pt", map_location="cpu", weights_only=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Polls `predicate` until true; fails if `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited before {what}:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def checkpoints(ws: Path) -> list[Path]:
+    return sorted((ws / "artifacts/checkpoints").glob("alexnet-*/epoch-*"))
+
+
+def start_training(ws: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=ws,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def epoch_steps(ws: Path) -> list[int]:
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["alexnet"], output_format="list")
+    assert len(runs) == 1, "a resumed training must continue its MLflow run, not start another"
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_top1_error")
+    return sorted(m.step for m in history)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy) -> None:
+    overrides = {"train": {"epochs": 6, "cpus_per_worker": 1}}
+    straight = workspace_copy("straight", overrides)
+    run_stage(straight, "train")
+
+    ws = workspace_copy("interrupted", overrides)
+    proc = start_training(ws)
+    wait_for(lambda: len(checkpoints(ws)) >= 2, proc, "the second checkpoint")
+    proc.send_signal(signal.SIGINT)  # a user's Ctrl-C
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (ws / "artifacts/model/model.pt").exists(), "interrupted too late: the run had finished"
+    interrupted_at = max(int(p.name.split("-")[1]) for p in checkpoints(ws))
+    assert interrupted_at < 6
+
+    run_stage(ws, "train")
+    resumed = json.loads((ws / "metrics/train.json").read_text())
+    assert resumed["epochs_run"] == 6 and resumed["restarts"] == 1
+    a, b = weights(straight), weights(ws)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6]
+
+
+def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy) -> None:
+    ws = workspace_copy("killed", {"train": {"epochs": 4, "max_failures": 2}})
+    proc = start_training(ws)
+    wait_for(lambda: len(checkpoints(ws)) >= 1, proc, "the first checkpoint")
+    workers = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(workers) == 1, f"expected one Ray Train worker, found {[w.info for w in workers]}"
+    os.kill(workers[0].info["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((ws / "metrics/train.json").read_text())
+    assert summary["epochs_run"] == 4
+    assert summary["restarts"] >= 1, "the worker was not restarted"
+    assert epoch_steps(ws) == [1, 2, 3, 4]
