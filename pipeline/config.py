@@ -75,7 +75,7 @@ class ShardParams:
 class StatsParams:
     """Training-set statistics (mean, std, RGB covariance eigenpairs for PCA lighting)."""
 
-    max_images: int = field(default=0, metadata=_range(0))  # 0: every training image
+    max_shards: int = field(default=0, metadata=_range(0))  # 0: every train shard (they are class-mixed)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,22 @@
+"""DVC stage `stats`: training-set mean, std and RGB eigenpairs for PCA lighting."""
+
+import json
+
+from pipeline.atomic import atomic_write_text
+from pipeline.cluster import init_ray
+from pipeline.config import load_params
+from pipeline.stats import compute_stats
+
+
+def main() -> None:
+    """Computes the statistics over data.shards' train split into data.stats."""
+    params = load_params()
+    data = params["data"]
+    init_ray()
+    stats = compute_stats(data.shards, fmt=data.format, max_shards=params["stats"].max_shards)
+    atomic_write_text(data.stats, json.dumps(stats, indent=1))
+    print(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    main()
