@@ -137,7 +137,7 @@ def register_model(run_id: str, model_name: str, val_top1_error: float) -> dict[
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     version = max(versions, key=lambda v: int(v.version))
-    client.set_model_version_tag(model_name, version.version, "val_top1_error", f"{val_top1_error:.6f}")
+    client.set_model_version_tag(model_name, version.version, "val_top1_error", repr(val_top1_error))
     client.set_registered_model_alias(model_name, "candidate", version.version)
     try:
         champ = client.get_model_version_by_alias(model_name, "champion")

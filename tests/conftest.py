@@ -61,13 +61,19 @@ def run_stage(workdir: Path, stage: str, timeout: float = 600) -> subprocess.Com
     return out
 
 
+def tiny_params(overrides: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The repo's params.yaml with TINY_PARAMS, then `overrides`, applied section by section."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for extra in (TINY_PARAMS, overrides or {}):
+        for section, values in extra.items():
+            params[section].update(values)
+    return params
+
+
 def write_params(workdir: Path, overrides: dict[str, dict] | None = None) -> Path:
-    """params.yaml = TINY_PARAMS updated section by section with `overrides`."""
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
-    for section, values in (overrides or {}).items():
-        params.setdefault(section, {}).update(values)
+    """Writes `tiny_params(overrides)` as workdir/params.yaml."""
     path = workdir / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
     return path
 
 

@@ -1,0 +1,143 @@
+"""Submit pipeline stages as a Ray job to the cluster at RAY_ADDRESS.
+
+    python -m pipeline.submit --params params-cluster.yaml train evaluate
+
+The job's working dir is a staging copy of this project's code (the files git tracks,
+minus data, plots and metrics; never venvs, caches or checkpoints), with the chosen params
+file as its params.yaml: Ray caps working-dir uploads at 100 MiB. Shards and checkpoints
+are read and written where that params file says, which on a cluster must be shared
+storage (an NFS path, or s3:// / gs:// URIs). The runtime env carries the pinned pip
+dependencies from pyproject.toml (unless --no-pip: for clusters whose image has them)
+and MLFLOW_TRACKING_URI, so the job tracks into the same server as you.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import load_params
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+STAGES = ("sample", "shard", "stats", "train", "evaluate")
+CODE_DIRS = ("pipeline", "stages", "models")
+UPLOAD_LIMIT = 100 * 2**20  # Ray's working_dir cap
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pinned_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The project's pinned runtime dependencies, as pip requirement strings."""
+    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+
+
+def stage_working_dir(params_file: Path, dest: Path) -> Path:
+    """Copies the code that stages import plus `params_file` (as params.yaml) into `dest`.
+
+    Raises:
+        ValueError: When the result would exceed Ray's 100 MiB working-dir cap.
+    """
+    for name in CODE_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    shutil.copy2(params_file, dest / "params.yaml")
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    if size > UPLOAD_LIMIT:
+        raise ValueError(f"job working dir is {size / 2**20:.0f} MiB, over Ray's 100 MiB upload cap")
+    return dest
+
+
+def runtime_env(working_dir: Path, pip: bool) -> dict[str, Any]:
+    """The job's runtime env: code, dependencies, tracking URI."""
+    env: dict[str, Any] = {"working_dir": str(working_dir), "env_vars": {}}
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env["env_vars"]["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    if pip:
+        env["pip"] = pinned_requirements()
+    return env
+
+
+def use_token_if_available() -> None:
+    """Turns on Ray's token auth for this client when a token is at hand.
+
+    Ray 2.60 clusters require a token by default, and `ray start` stores one in
+    ~/.ray/auth_token, but the job client only sends it with RAY_AUTH_MODE=token.
+    """
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def entrypoint(stages: list[str]) -> str:
+    """Shell command running the stages in pipeline order, stopping at the first failure."""
+    ordered = [s for s in STAGES if s in stages]
+    return " && ".join(f"python -m stages.{s}" for s in ordered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses arguments, submits the job, and (unless --no-wait) follows it to the end."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stages", nargs="+", choices=STAGES, help="stages to run, in pipeline order")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file for the job")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard address (default: RAY_ADDRESS)",
+    )
+    parser.add_argument("--no-pip", action="store_true", help="the cluster already has the dependencies")
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    args = parser.parse_args(argv)
+    if not args.address:
+        parser.error("no cluster: set RAY_ADDRESS or pass --address (e.g. http://127.0.0.1:8265)")
+    params = load_params(args.params)  # a bad params file fails here, before anything is uploaded
+    use_token_if_available()  # before Ray is imported: it reads the auth mode once
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    local = [p for p in (params["data"].shards, params["data"].checkpoints) if "://" not in p]
+    relative = [p for p in local if not Path(p).is_absolute()]
+    if relative:
+        print(
+            f"warning: {relative} are relative paths: the job resolves them inside its own "
+            "working dir; use shared storage (absolute NFS paths or URIs) on a cluster",
+            file=sys.stderr,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="alexnet-job-") as tmp:
+        env = runtime_env(stage_working_dir(args.params, Path(tmp)), pip=not args.no_pip)
+        client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(entrypoint=entrypoint(args.stages), runtime_env=env)  # uploads now
+    print(f"submitted {job_id} to {args.address}", flush=True)
+    if args.no_wait:
+        return 0
+    return 0 if follow(client, job_id) == JobStatus.SUCCEEDED else 1
+
+
+def follow(client: JobSubmissionClient, job_id: str) -> JobStatus:
+    """Streams the job's logs until it ends; returns its final JobStatus."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():  # the log stream can close a moment before the status flips
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
