@@ -50,6 +50,7 @@ def build_model(
     groups: int | None = None,
     dropout: float | None = None,
     width: float = 1.0,
+    init: str = "paper",
 ) -> nn.Module:
     """Builds one of :data:`ARCHS` from config switches.
 
@@ -68,6 +69,8 @@ def build_model(
         groups: 2 for the paper's two-tower split, 1 for one tower; paper only.
         dropout: Drop probability in [0, 1).
         width: Multiplier > 0 for conv and hidden fc widths.
+        init: ``"paper"`` (N(0, 0.01), the paper's biases) or ``"kaiming"``; paper only,
+            the other archs keep PyTorch's default initialisation.
 
     Returns:
         The network (paper init for ``paper``, PyTorch default init otherwise).
@@ -85,8 +88,10 @@ def build_model(
             groups=2 if groups is None else groups,
             dropout=0.5 if dropout is None else dropout,
             width=width,
+            init=init,
         )
     context = f" for model.arch={arch!r}"
+    check_choice("init", init, ("paper",), context)
     check_choice("lrn", lrn, (None, False), context)
     check_choice("groups", groups, (None, 1), context)
     if arch == "torchvision":

@@ -65,8 +65,9 @@ def alexnet(
     groups: int = 2,
     dropout: float = 0.5,
     width: float = 1.0,
+    init: str = "paper",
 ) -> AlexNet:
-    """Builds the paper's AlexNet with the paper's initialisation.
+    """Builds the paper's AlexNet with the paper's initialisation (or He's).
 
     At the defaults: 227 input, 60,965,224 parameters (62,378,344 with ``groups=1``).
 
@@ -79,9 +80,12 @@ def alexnet(
         dropout: Drop probability on the outputs of fc6 and fc7, in [0, 1).
         width: Multiplier for every conv and hidden fc width; conv channels are rounded
             to a multiple of ``groups``.
+        init: ``"paper"``: weights N(0, 0.01), biases 1 in conv2/4/5 and fc6/7, else 0.
+            ``"kaiming"``: He-normal weights (fan-in, ReLU gain) and zero biases; the
+            paper's fixed 0.01 makes activations vanish in narrow (width < 1) networks.
 
     Returns:
-        The network, weights N(0, 0.01), biases 1 in conv2/4/5 and fc6/7, else 0.
+        The initialised network.
 
     Raises:
         ValueError: Naming the bad key, its value and what is allowed.
@@ -90,6 +94,7 @@ def alexnet(
     check_choice("pooling", pooling, POOLINGS)
     check_choice("lrn", lrn, (True, False))
     check_choice("groups", groups, (1, 2))
+    check_choice("init", init, INITS)
     c1, c2, c3, c4, c5 = (scale(c, width, groups) for c in (96, 256, 384, 384, 256))
     hidden = scale(4096, width)
 
@@ -126,8 +131,20 @@ def alexnet(
         ("fc8", nn.Linear(hidden, num_classes)),  # (B, num_classes); softmax is in the loss
     ]))
     model = AlexNet(features, classifier)
-    init_paper_(model)
+    (init_paper_ if init == "paper" else init_kaiming_)(model)
     return model
+
+
+INITS = ("paper", "kaiming")
+
+
+@torch.no_grad()
+def init_kaiming_(model: AlexNet) -> None:
+    """He initialisation in place: weights N(0, 2 / fan_in), biases 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            module.bias.zero_()
 
 
 @torch.no_grad()

@@ -53,8 +53,8 @@ class SampleParams:
     """The embedded ILSVRC-2012-shaped sample generator."""
 
     num_classes: int = field(default=10, metadata=_range(2, 1000))
-    train_per_class: int = field(default=300, metadata=_range(1))
-    val_per_class: int = field(default=50, metadata=_range(1))
+    train_per_class: int = field(default=300, metadata=_range(2, 1300))  # ILSVRC-2012's limits
+    val_per_class: int = field(default=50, metadata=_range(1, 50))
     seed: int = field(default=0, metadata=_range(0))
 
 
@@ -89,10 +89,15 @@ class ModelParams:
     groups: int = field(default=2, metadata={"choices": (1, 2)})
     dropout: float = field(default=0.5, metadata=_range(0.0, 0.99))
     width: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))
+    init: Literal["paper", "kaiming"] = "paper"
 
     def __post_init__(self) -> None:
         # torchvision's variant and the CIFAR net have no LRN and no two-tower groups.
         if self.arch != "paper":
+            if self.init != "paper":
+                raise ParamsError(
+                    f"model.init={self.init!r}: expected 'paper' (the default) for model.arch={self.arch!r}"
+                )
             if self.lrn:
                 raise ParamsError(f"model.lrn=True: expected false for model.arch={self.arch!r}")
             if self.groups != 1:

@@ -21,6 +21,12 @@ WEIGHTS = "model.pt"
 CARD = "model.json"
 
 
+def build_from_params(arch: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """The network described by a `model` params section (as a dict) for `num_classes`."""
+    arch = dict(arch)
+    return build_model(arch.pop("arch"), num_classes=num_classes, **arch)
+
+
 def save_model(state_dict: dict[str, torch.Tensor], out_dir: str | Path, card: dict[str, Any]) -> None:
     """Writes the weights and the card, each atomically."""
     buf = io.BytesIO()
@@ -40,8 +46,7 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if not card_path.is_file():
         raise FileNotFoundError(f"{card_path}: no trained model here; run the train stage first")
     card = json.loads(card_path.read_text())
-    arch = dict(card["arch"])
-    model = build_model(arch.pop("arch"), num_classes=card["num_classes"], **arch)
+    model = build_from_params(card["arch"], card["num_classes"])
     state = torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval(), card

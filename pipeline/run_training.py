@@ -17,7 +17,7 @@ from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams, 
 from pipeline.model_io import save_model
 from pipeline.runstate import RunState, run_key, storage_uri
 from pipeline.shards import read_shards
-from pipeline.training import fit, load_state, worker_config
+from pipeline.training import check_resources, fit, load_state, worker_config
 
 
 def _read_meta(data: DataParams) -> tuple[dict[str, Any], bytes]:
@@ -91,9 +91,9 @@ def train(params: dict[str, Any]) -> dict[str, Any]:
 
     key = run_key(dataclasses.asdict(mp), dataclasses.asdict(p), meta_raw, Path(data.stats).read_bytes())
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
-    run_id = _open_mlflow_run(state, params, data, params["mlflow"])
-
     init_ray()
+    check_resources(p)
+    run_id = _open_mlflow_run(state, params, data, params["mlflow"])
     datasets = {s: read_shards(data.shards, s, fmt=data.format, decode=False) for s in ("train", "val")}
     cfg = worker_config(mp, p, stats, len(meta["classes"]), {"tracking_uri": uri, "run_id": run_id})
     with mlflow.start_run(run_id=run_id, log_system_metrics=params["mlflow"].system_metrics):

@@ -17,6 +17,7 @@ it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import tempfile
 import threading
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import build_model
 from pipeline.augment import ColorStats, GpuTrainAugment, TrainAugment, eval_batch
 from pipeline.config import ModelParams, TrainParams
+from pipeline.model_io import build_from_params
 
 STATE_FILE = "state.pt"
 
@@ -152,17 +153,43 @@ def _autocast(p: TrainParams, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
 
 
-def _train_epoch(model, opt, loader, augment, p: TrainParams, epoch: int, rank: int, device) -> list[float]:
+def epoch_batches(shard, batch_size: int, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's train batches for one epoch ({"key", "label", "jpeg"} numpy arrays).
+
+    Args:
+        shard: A Ray Data iterator (`ray.train.get_dataset_shard("train")`).
+        batch_size: Images per batch on this worker.
+        seed: train.seed.
+        epoch: 0-based epoch; with the seed it fixes the order, fresh every epoch.
+    """
+    return shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=max(4 * batch_size, 1024),
+        local_shuffle_seed=seed * 100_003 + epoch,
+    )
+
+
+def augmented_batches(
+    batches: Iterator[dict[str, np.ndarray]], augment, seed: int, epoch: int, rank: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x (B, 3, crop, crop) float32, y (B,) int64) pairs, prepared one batch ahead of the
+    consumer in a background thread while decoding runs on the augmentation threads."""
+
+    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step, batch in enumerate(batches):
+            x = augment(list(batch["jpeg"]), batch_rng(seed, epoch, rank, step))
+            yield x, torch.as_tensor(batch["label"], dtype=torch.long)
+
+    return _prefetch(prepared())
+
+
+def _train_epoch(model, opt, batches, p: TrainParams, device) -> list[float]:
     """One pass over this worker's shard. Returns [loss_sum, top1, top5, n]."""
     model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
-
-    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, batch in enumerate(loader):
-            x = augment(list(batch["jpeg"]), batch_rng(p.seed, epoch, rank, step))
-            yield x, torch.as_tensor(batch["label"], dtype=torch.long)
-
-    for x, y in _prefetch(prepared()):
+    for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -236,24 +263,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from pipeline import tracking
 
-    mp, p = ModelParams(**cfg["model"]), TrainParams(**cfg["train"])
+    p = TrainParams(**cfg["train"])
     stats = ColorStats(**cfg["stats"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, p.cpus_per_worker))
+    # Every core of this node's share, not just the CPUs reserved from Ray: the reservation
+    # must leave CPUs for the Ray Data tasks that feed the workers.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
 
     torch.manual_seed(p.seed)  # identical initial weights on every worker
-    model = build_model(
-        mp.arch,
-        num_classes=cfg["num_classes"],
-        activation=mp.activation,
-        pooling=mp.pooling,
-        lrn=mp.lrn,
-        groups=mp.groups,
-        dropout=mp.dropout,
-        width=mp.width,
-    )
+    model = build_from_params(cfg["model"], cfg["num_classes"])
     if p.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
@@ -288,14 +308,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = sched.lr
         t0 = time.perf_counter()
-        train_loader = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=local_batch,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=max(4 * local_batch, 1024),
-            local_shuffle_seed=p.seed * 100_003 + epoch,  # a fresh, reproducible order per epoch
-        )
-        tr = _all_reduce_sum(_train_epoch(model, opt, train_loader, augment, p, epoch, rank, device), device)
+        batches = epoch_batches(ray.train.get_dataset_shard("train"), local_batch, p.seed, epoch)
+        batches = augmented_batches(batches, augment, p.seed, epoch, rank)
+        tr = _all_reduce_sum(_train_epoch(model, opt, batches, p, device), device)
         train_time = time.perf_counter() - t0
         val_loader = ray.train.get_dataset_shard("val").iter_batches(
             batch_size=local_batch, batch_format="numpy"
@@ -340,6 +355,23 @@ def worker_config(
         "num_classes": num_classes,
         "mlflow": mlflow_info,
     }
+
+
+def check_resources(p: TrainParams) -> None:
+    """Fails fast when the workers would reserve every CPU and starve their data feed.
+
+    Raises:
+        ValueError: Naming train.num_workers and train.cpus_per_worker.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - p.num_workers * p.cpus_per_worker < 1:
+        raise ValueError(
+            f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker} reserve every "
+            f"CPU of the Ray cluster ({total:.0f}); Ray Data needs at least one to feed them: lower "
+            "train.cpus_per_worker (a worker uses all its node's cores anyway)"
+        )
 
 
 def fit(train_ds, val_ds, cfg: dict[str, Any], storage_path: str, name: str):

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = {
     "sample": {"num_classes": 3, "train_per_class": 16, "val_per_class": 4, "seed": 0},
     "shard": {"size": 80, "shard_size": 16, "format": "both"},
-    "model": {"width": 0.125},
+    "model": {"width": 0.125, "init": "kaiming"},
     "train": {"epochs": 2, "batch_size": 16, "crop": 72, "patience": 1, "max_failures": 1},
     "evaluate": {"batch_size": 16},
     "mlflow": {"system_metrics": False},
