@@ -33,10 +33,12 @@ class DataParams:
     """Where every file of the pipeline lives (paths are defined here and nowhere else).
 
     `raw` may be a local path or a pyarrow.fs URI (s3://, gs://) so a cluster can read
-    ImageNet from object storage.
+    ImageNet from object storage. It equals `sample` by default; pointing it at a real
+    ImageNet tree leaves the sample stage writing only its own folder.
     """
 
-    raw: str = "data/sample"
+    sample: str = "data/sample"  # where the sample stage writes the embedded sample
+    raw: str = "data/sample"  # the ILSVRC-2012 tree the shard stage reads
     shards: str = "data/shards"
     stats: str = "data/stats.json"
     format: Literal["parquet", "webdataset"] = "parquet"  # the shard format training reads

@@ -8,11 +8,11 @@ from pipeline.sample import generate_sample
 
 
 def main() -> None:
-    """Writes the sample tree to data.raw from the `sample` params."""
+    """Writes the sample tree to data.sample from the `sample` params."""
     params = load_params()
     s = params["sample"]
     summary = generate_sample(
-        Path(params["data"].raw),
+        Path(params["data"].sample),
         num_classes=s.num_classes,
         train_per_class=s.train_per_class,
         val_per_class=s.val_per_class,

@@ -99,3 +99,24 @@ def test_stage_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
 def test_invalid_model_combinations(tmp_path: Path, model: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
         load_params(write_params(tmp_path, model=model))
+
+
+def test_imagenet_profile_is_the_papers_recipe() -> None:
+    params = load_params(ROOT / "params-imagenet.yaml")
+    train, model, shard = params["train"], params["model"], params["shard"]
+    assert (model.width, model.init, model.lrn, model.groups, model.dropout) == (1.0, "paper", True, 2, 0.5)
+    assert (train.crop, train.batch_size, train.lr, train.epochs, train.schedule) == (
+        227,
+        128,
+        0.01,
+        90,
+        "plateau",
+    )
+    assert (train.momentum, train.weight_decay, train.max_reductions) == (0.9, 0.0005, 3)
+    assert shard.size == 256
+    # The same keys as params.yaml, so `cp params-imagenet.yaml params.yaml` keeps dvc.yaml valid.
+    keys = [
+        {k: set(v) for k, v in yaml.safe_load((ROOT / f).read_text()).items()}
+        for f in ("params-imagenet.yaml", "params.yaml")
+    ]
+    assert keys[0] == keys[1]
