@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_write_bytes
 from pipeline.imagenet import SPLITS, Record, read_bytes, resolve
 from pipeline.preprocess import (
     DEFAULT_QUALITY,
@@ -227,7 +228,7 @@ def write_shards(
             for f in formats
         },
     }
-    _atomic_write(staging / META, json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(staging / META, json.dumps(meta, indent=1).encode())
     _swap_in(staging, out)
     return metrics
 
@@ -288,7 +289,7 @@ def _write_shard(job: _ShardJob) -> dict:
         buf = pa.BufferOutputStream()
         # JPEG bytes do not compress; the small columns are not worth a codec either.
         pq.write_table(table, buf, compression="none")
-        _atomic_write(
+        atomic_write_bytes(
             staging / shard_path("parquet", job.split, job.index), buf.getvalue().to_pybytes()
         )
     if "webdataset" in job.formats:
@@ -297,7 +298,7 @@ def _write_shard(job: _ShardJob) -> dict:
             for rec, p in kept:
                 _add_member(tar, f"{rec.key}.jpg", p.jpeg)
                 _add_member(tar, f"{rec.key}.cls", str(rec.label).encode())
-        _atomic_write(staging / shard_path("webdataset", job.split, job.index), buf.getvalue())
+        atomic_write_bytes(staging / shard_path("webdataset", job.split, job.index), buf.getvalue())
     return {"split": job.split, "index": job.index, "sharded": len(kept), "quarantine": quarantine}
 
 
@@ -308,22 +309,12 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Writes `path` via `<path>.tmp` + rename, so a file under its final name is whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(QUARANTINE_HEADER)
     writer.writerows(rows)
-    _atomic_write(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _swap_in(staging: Path, out: Path) -> None:

@@ -19,7 +19,10 @@ def ray_local() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": a fresh instance, never a cluster someone started with `ray start`.
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
