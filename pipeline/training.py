@@ -153,22 +153,55 @@ def _autocast(p: TrainParams, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
 
 
-def epoch_batches(shard, batch_size: int, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+def epoch_batches(
+    shard, batch_size: int, seed: int, epoch: int, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
     """This worker's train batches for one epoch ({"key", "label", "jpeg"} numpy arrays).
+
+    A seeded shuffle buffer over rows in Python: Ray Data's local_shuffle_buffer_size
+    concatenates and slices the Arrow binary column for every batch, which halved the
+    images/s delivered on 2 cores (benchmarks/input_pipeline.py). Rows enter the buffer
+    one at a time in stored order and a batch is drawn whenever it holds `buffer +
+    batch_size` rows, so the batches depend only on the row order (fixed by the
+    trainer's preserve_order), the seed and the epoch, not on Ray Data's block sizes.
 
     Args:
         shard: A Ray Data iterator (`ray.train.get_dataset_shard("train")`).
         batch_size: Images per batch on this worker.
         seed: train.seed.
         epoch: 0-based epoch; with the seed it fixes the order, fresh every epoch.
+        prefetch: Batches of JPEG bytes Ray Data fetches ahead of the shuffle buffer.
     """
-    return shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=max(4 * batch_size, 1024),
-        local_shuffle_seed=seed * 100_003 + epoch,
-    )
+    rng = np.random.default_rng([seed, epoch])
+    full = max(4 * batch_size, 1024) + batch_size
+    pool: list[tuple[Any, int, bytes]] = []  # (key, label, jpeg) rows
+
+    def batch(rows: list[tuple[Any, int, bytes]]) -> dict[str, np.ndarray]:
+        keys, labels, jpegs = zip(*rows, strict=True)
+        as_objects = np.empty(len(rows), dtype=object)  # bytes stay whole Python objects
+        as_objects[:] = jpegs
+        return {
+            "key": np.array(keys, dtype=object),
+            "label": np.array(labels, dtype=np.int64),
+            "jpeg": as_objects,
+        }
+
+    for chunk in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch):
+        rows = list(zip(chunk["key"], chunk["label"].tolist(), chunk["jpeg"], strict=True))
+        while rows:
+            take = full - len(pool)
+            pool += rows[:take]
+            rows = rows[take:]
+            if len(pool) == full:
+                picks = rng.choice(full, batch_size, replace=False)
+                out = [pool[i] for i in picks]
+                for i in sorted(picks, reverse=True):  # O(batch) removal: the last row fills the gap
+                    pool[i] = pool[-1]
+                    pool.pop()
+                yield batch(out)
+    order = rng.permutation(len(pool))  # the tail: whole batches only (drop_last)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        yield batch([pool[i] for i in order[start : start + batch_size]])
 
 
 def augmented_batches(
