@@ -103,29 +103,44 @@ class TrainAugment:
         self.pca_std = pca_std
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="augment")
 
-    def _crop_one(self, jpeg: bytes, y: int, x: int, flip: bool) -> np.ndarray:
+    def _crop_one(
+        self, jpeg: bytes, y: int, x: int, flip: bool, scale: np.ndarray, offset: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Decodes, crops, flips and normalises one image into `out` ((crop, crop, 3) float32)."""
         img = decode_rgb(jpeg)  # (S, S, 3) uint8
         h, w = img.shape[:2]
         if h < self.crop or w < self.crop:
             raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={self.crop}")
         y, x = y % (h - self.crop + 1), x % (w - self.crop + 1)
         patch = img[y : y + self.crop, x : x + self.crop]
-        return patch[:, ::-1] if flip else patch
+        # Two passes over a cache-sized image on this thread (numpy releases the GIL):
+        # (x / 255 + shift - mean) / std == x * scale + offset, per channel.
+        np.multiply(patch[:, ::-1] if flip else patch, scale, out=out)
+        out += offset
 
     def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
         """Augments one batch.
+
+        Normalisation runs per image on the decode threads, fused with the lighting shift,
+        instead of five passes over the whole float batch after it (a third of the time
+        of a batch on 2 cores, benchmarks/input_pipeline.py).
 
         Args:
             jpegs: Stored JPEG bytes, one per image.
             rng: The batch's generator; the same generator state gives the same batch.
 
         Returns:
-            (B, 3, crop, crop) float32, normalised.
+            (B, 3, crop, crop) float32, normalised (channels_last memory layout).
         """
         ys, xs, flips, shift = _draws(rng, len(jpegs), self.stats, self.pca_std)
-        crops = list(self._pool.map(self._crop_one, jpegs, ys, xs, flips))
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)  # (B, 3, crop, crop) uint8
-        return _normalize(batch, self.stats, torch.from_numpy(shift))
+        mean = np.asarray(self.stats.mean, dtype=np.float32)
+        std = np.asarray(self.stats.std, dtype=np.float32)
+        scale = 1.0 / (255.0 * std)  # (3,)
+        offsets = (shift - mean) / std  # (B, 3) float32
+        out = np.empty((len(jpegs), self.crop, self.crop, 3), dtype=np.float32)  # (B, crop, crop, 3)
+        scales = [scale] * len(jpegs)
+        list(self._pool.map(self._crop_one, jpegs, ys, xs, flips, scales, offsets, out))
+        return torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, 3, crop, crop)
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
         """Decodes stored images on the augmentation threads: (S, S, 3) uint8 each."""
