@@ -175,7 +175,7 @@ def test_cifar_net_shapes() -> None:
         model = cifar_net(num_classes=10, pooling=pooling).eval()
         pools = []
         hooks = [
-            m.register_forward_hook(lambda _m, _i, out: pools.append(out.shape[-1]))
+            m.register_forward_hook(lambda _m, _i, out: pools.append(out.shape[-1]))  # noqa: B023 - called within this iteration
             for m in model.features
             if isinstance(m, nn.MaxPool2d)
         ]
@@ -309,9 +309,9 @@ def test_arch_defaults() -> None:
         ("cifar", dict(width=-1.0), "model.width=-1.0: expected a finite float > 0"),
         ("paper", dict(width=math.inf), "model.width=inf: expected a finite float > 0"),
         ("vgg", dict(), "model.arch='vgg': expected one of 'paper', 'torchvision', 'cifar'"),
-        ("torchvision", dict(lrn=True), "model.lrn=True: expected one of None, False for model.arch='torchvision'"),
-        ("torchvision", dict(groups=2), "model.groups=2: expected one of None, 1 for model.arch='torchvision'"),
-        ("torchvision", dict(pooling="nonoverlap"), "model.pooling='nonoverlap': expected one of 'overlap' for model.arch='torchvision'"),
+        ("torchvision", dict(lrn=True), "model.lrn=True: expected one of None, False for model.arch='torchvision'"),  # noqa: E501
+        ("torchvision", dict(groups=2), "model.groups=2: expected one of None, 1 for model.arch='torchvision'"),  # noqa: E501
+        ("torchvision", dict(pooling="nonoverlap"), "model.pooling='nonoverlap': expected one of 'overlap' for model.arch='torchvision'"),  # noqa: E501
         ("cifar", dict(lrn=True), "model.lrn=True: expected one of None, False for model.arch='cifar'"),
         ("cifar", dict(groups=2), "model.groups=2: expected one of None, 1 for model.arch='cifar'"),
     ],

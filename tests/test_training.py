@@ -68,6 +68,13 @@ def checkpoints(ws: Path) -> list[Path]:
     return sorted((ws / "artifacts/checkpoints").glob("alexnet-*/epoch-*"))
 
 
+def is_train_worker(process: psutil.Process) -> bool:
+    try:
+        return "RayTrainWorker" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:  # an idle worker that exited meanwhile
+        return False
+
+
 def start_training(ws: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train"],
@@ -116,13 +123,14 @@ def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy) -> N
     proc = start_training(ws)
     # Two checkpoint folders on disk mean the first was registered (report is a barrier).
     wait_for(lambda: len(checkpoints(ws)) >= 2, proc, "the second checkpoint")
+    # Ray's local processes descend from the stage that started them: never touch another run's.
     workers = [
         p
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
     ]
-    assert len(workers) == 1, f"expected one Ray Train worker, found {[w.info for w in workers]}"
-    os.kill(workers[0].info["pid"], signal.SIGKILL)
+    assert len(workers) == 1, f"expected one Ray Train worker, found {workers}"
+    os.kill(workers[0].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((ws / "metrics/train.json").read_text())
