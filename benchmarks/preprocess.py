@@ -216,20 +216,14 @@ def _load() -> str:
 def report(label: str, n: int, seconds: float, rates: dict[str, float]) -> None:
     """Records and prints images/s, with the load average (other users share the cores)."""
     rates[label] = n / seconds
-    print(
-        f"{label}: {rates[label]:.1f} images/s ({n} images, load avg after: {_load()})", flush=True
-    )
+    print(f"{label}: {rates[label]:.1f} images/s ({n} images, load avg after: {_load()})", flush=True)
 
 
-def stage_run(
-    records: list[Record], out: Path, classes: list[str], shard_size: int
-) -> tuple[float, PeakRss]:
+def stage_run(records: list[Record], out: Path, classes: list[str], shard_size: int) -> tuple[float, PeakRss]:
     """Runs write_shards as the stage does; returns (seconds, peak RSS sampler)."""
     start = time.perf_counter()
     with PeakRss() as rss:
-        write_shards(
-            records, out, classes=classes, fmt="both", shard_size=shard_size, progress=False
-        )
+        write_shards(records, out, classes=classes, fmt="both", shard_size=shard_size, progress=False)
     return time.perf_counter() - start, rss
 
 
@@ -279,8 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     report(f"floor ({args.workers} processes)", len(paths), floor(paths, args.workers), rates)
     floor_rate = rates[f"floor ({args.workers} processes)"]
 
-    ray.init(
-        num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False
+    ray.init(  # address="local": never a cluster someone left running on this machine
+        address="local",
+        num_cpus=args.workers,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
     )
     out = args.workdir / "shards"
     seconds, rss = stage_run(records, out, catalog.classes, args.shard_size)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from pipeline.preprocess import decode_jpeg
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,6 @@ class ColorStats:
         if len(stats.mean) != 3 or len(stats.std) != 3 or len(stats.eigval) != 3 or len(stats.eigvec) != 3:
             raise ValueError(f"{path}: mean, std, eigval must have 3 values and eigvec 3x3")
         return stats
-
-
-def decode_rgb(jpeg: bytes) -> np.ndarray:
-    """Decodes one stored image to (H, W, 3) uint8 RGB."""
-    with Image.open(BytesIO(jpeg)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def _normalize(crops: torch.Tensor, stats: ColorStats, shift: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +101,7 @@ class TrainAugment:
         self, jpeg: bytes, y: int, x: int, flip: bool, scale: np.ndarray, offset: np.ndarray, out: np.ndarray
     ) -> None:
         """Decodes, crops, flips and normalises one image into `out` ((crop, crop, 3) float32)."""
-        img = decode_rgb(jpeg)  # (S, S, 3) uint8
+        img = decode_jpeg(jpeg)  # (S, S, 3) uint8
         h, w = img.shape[:2]
         if h < self.crop or w < self.crop:
             raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={self.crop}")
@@ -144,7 +138,7 @@ class TrainAugment:
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
         """Decodes stored images on the augmentation threads: (S, S, 3) uint8 each."""
-        return list(self._pool.map(decode_rgb, jpegs))
+        return list(self._pool.map(decode_jpeg, jpegs))
 
     def close(self) -> None:
         """Stops the decode threads."""
@@ -218,7 +212,7 @@ class GpuTrainAugment:
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
         """Decodes for validation on the CPU: (S, S, 3) uint8 each."""
-        return [decode_rgb(b) for b in jpegs]
+        return [decode_jpeg(b) for b in jpegs]
 
     def close(self) -> None:
         """Nothing to release."""

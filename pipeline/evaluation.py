@@ -19,9 +19,10 @@ import torch
 
 from pipeline import tracking
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
-from pipeline.augment import ColorStats, decode_rgb, eval_batch
+from pipeline.augment import ColorStats, eval_batch
 from pipeline.cluster import init_ray
 from pipeline.model_io import load_model
+from pipeline.preprocess import decode_jpeg
 from pipeline.shards import read_shards
 from pipeline.tracking import register_model
 
@@ -39,7 +40,7 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [decode_rgb(b) for b in batch["jpeg"]]
+        images = [decode_jpeg(b) for b in batch["jpeg"]]
         out = {"label": batch["label"], "key": batch["key"]}
         centre = self.model(eval_batch(images, self.stats, self.crop, ten_crop=False))  # (B, C)
         out["top_center"] = centre.topk(self.k, dim=1).indices.numpy()

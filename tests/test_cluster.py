@@ -3,6 +3,7 @@ a real `mlflow server`, and the documented `python -m pipeline.submit` command."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -40,73 +41,70 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+@contextlib.contextmanager
+def serving(tool: str, args: list[str], url: str, probe: str) -> Iterator[str]:
+    """Runs the venv's `tool` with `args` until the block ends; yields `url` once `url + probe`
+    answers. A terminated `--block`ing `ray start` takes its cluster down with it."""
     proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", proc)
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-@pytest.fixture
-def ray_head(tmp_path: Path) -> Iterator[str]:
-    """A real single-node Ray cluster; `--block` ties its processes to this Popen."""
-    dash, gcs = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "true",
-            "--disable-usage-stats",
-        ],
+        [str(Path(sys.executable).parent / tool), *args],
         env=stage_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    address = f"http://127.0.0.1:{dash}"
     try:
-        wait_http(f"{address}/api/version", proc)
-        yield address
+        wait_http(url + probe, proc)
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact root."""
+    port = free_port()
+    args = [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ]
+    with serving("mlflow", args, f"http://127.0.0.1:{port}", "/health") as uri:
+        yield uri
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A real single-node Ray cluster started with `ray start --head` on 127.0.0.1."""
+    dash, gcs = free_port(), free_port()
+    args = [
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+    ]
+    with serving("ray", args, f"http://127.0.0.1:{dash}", "/api/version") as address:
+        yield address
 
 
 def test_submitted_training_job_tracks_run_and_model(
