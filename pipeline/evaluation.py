@@ -23,7 +23,7 @@ from pipeline.augment import ColorStats, eval_batch
 from pipeline.cluster import init_ray
 from pipeline.model_io import load_model
 from pipeline.preprocess import decode_jpeg
-from pipeline.shards import read_shards
+from pipeline.shards import read_meta, read_shards
 from pipeline.tracking import register_model
 
 
@@ -207,7 +207,7 @@ def evaluate(params: dict[str, Any]) -> dict[str, Any]:
     uri = tracking.tracking_uri()
     tracking.check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    meta = json.loads((Path(data.shards) / "meta.json").read_text())
+    meta = read_meta(data.shards)
 
     init_ray()
     ds = read_shards(data.shards, "val", fmt=data.format, decode=False)

@@ -14,17 +14,20 @@ from pipeline.atomic import atomic_write_text
 from pipeline.augment import ColorStats
 from pipeline.cluster import init_ray
 from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams, as_flat_dict
+from pipeline.imagenet import read_bytes
 from pipeline.model_io import save_model
 from pipeline.runstate import RunState, run_key, storage_uri
-from pipeline.shards import read_shards
+from pipeline.shards import META, read_shards
 from pipeline.training import check_resources, fit, load_state, worker_config
 
 
 def _read_meta(data: DataParams) -> tuple[dict[str, Any], bytes]:
-    path = Path(data.shards) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard metadata missing; run the shard stage first")
-    raw = path.read_bytes()
+    """The shards' meta.json (local path or URI), parsed and as bytes (for the run key)."""
+    uri = f"{data.shards.rstrip('/')}/{META}"
+    try:
+        raw = read_bytes(uri)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: shard metadata missing; run the shard stage first") from e
     return json.loads(raw), raw
 
 
