@@ -116,11 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="alexnet-job-") as tmp:
         env = runtime_env(stage_working_dir(args.params, Path(tmp)), pip=not args.no_pip)
         client = JobSubmissionClient(args.address)
-        job_id = client.submit_job(entrypoint=entrypoint(args.stages), runtime_env=env)  # uploads now
+        job_id = submit_when_ready(client, entrypoint(args.stages), env)
     print(f"submitted {job_id} to {args.address}", flush=True)
     if args.no_wait:
         return 0
     return 0 if follow(client, job_id) == JobStatus.SUCCEEDED else 1
+
+
+def submit_when_ready(
+    client: JobSubmissionClient, command: str, env: dict[str, Any], wait_s: float = 120
+) -> str:
+    """Submits the job (uploading the working dir), waiting while a just-started cluster's
+    job agent comes up: its dashboard answers before the agent takes jobs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            print("waiting for the cluster's job agent...", file=sys.stderr, flush=True)
+            time.sleep(1.0)
 
 
 def follow(client: JobSubmissionClient, job_id: str) -> JobStatus:
