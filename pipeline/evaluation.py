@@ -108,6 +108,16 @@ def write_per_class(
     atomic_write_text(path, buf.getvalue())
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (stages run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -116,11 +126,7 @@ def _png(fig) -> bytes:
 
 def plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
     """Row-normalised confusion matrix image (rows: true class, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.4 * len(classes), 20)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -137,11 +143,7 @@ def plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> Non
 
 def plot_curves(path: Path, history_csv: Path) -> None:
     """Training curves: loss, and train/val top-1/top-5 error per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     with history_csv.open() as f:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]

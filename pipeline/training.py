@@ -37,7 +37,19 @@ from pipeline.model_io import build_from_params
 STATE_FILE = "state.pt"
 
 
-class PlateauSchedule:
+class _Resumable:
+    """A schedule whose whole state is its attributes (saved in every checkpoint)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()` output."""
+        vars(self).update(state)
+
+
+class PlateauSchedule(_Resumable):
     """The paper's schedule: divide lr by 10 when val error stops improving.
 
     After `patience` epochs without a new best val top-1 error the lr drops tenfold; after
@@ -68,16 +80,8 @@ class PlateauSchedule:
                 self.reductions += 1
                 self.bad_epochs = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume."""
-        return dict(vars(self))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores `state_dict()` output."""
-        vars(self).update(state)
-
-
-class StepSchedule:
+class StepSchedule(_Resumable):
     """torchvision's reference recipe: lr /10 every `step_size` epochs."""
 
     def __init__(self, lr: float, step_size: int) -> None:
@@ -91,14 +95,6 @@ class StepSchedule:
         """Counts one epoch."""
         self.epochs += 1
         self.lr = self.base_lr * 0.1 ** (self.epochs // self.step_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume."""
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores `state_dict()` output."""
-        vars(self).update(state)
 
 
 def make_schedule(p: TrainParams) -> PlateauSchedule | StepSchedule:
