@@ -8,7 +8,7 @@ the same images and the same cores:
 
 - real: `read_shards(decode=False)` -> a Ray Data streaming_split iterator (what
   `ray.train.get_dataset_shard` hands a worker, with the trainer's preserve_order) ->
-  `epoch_batches` -> `augmented_batches` (TrainAugment threads, one batch ahead);
+  `epoch_batches` -> `augmented_batches` (TrainAugment threads, two batches in flight);
 - imagefolder: torchvision `ImageFolder` over the raw JPEGs + `DataLoader(num_workers)`
   with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize;
 - floor: the same TrainAugment over the shards read with pyarrow, batches in order,

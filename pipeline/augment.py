@@ -8,14 +8,16 @@ per image per use. Then per-channel mean/std normalisation (pixels scaled to [0,
 Evaluation: the centre crop, or the paper's ten crops (four corners and centre, and their
 reflections), whose softmax outputs the caller averages.
 
-JPEG decoding runs in a thread pool: Pillow releases the GIL while decoding, so threads
-use every core without copying images between processes.
+JPEG decoding runs in a thread pool: libjpeg-turbo (through simplejpeg) and torch release
+the GIL, so threads use every core without copying images between processes.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import math
+import mmap
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from pipeline.preprocess import decode_jpeg
+
+_SERIAL_VALUES = 32768  # torch's at::internal::GRAIN_SIZE: smaller ops run on the calling thread
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,24 @@ class ColorStats:
         if len(stats.mean) != 3 or len(stats.std) != 3 or len(stats.eigval) != 3 or len(stats.eigvec) != 3:
             raise ValueError(f"{path}: mean, std, eigval must have 3 values and eigvec 3x3")
         return stats
+
+
+def _empty_float32(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor in memory backed by transparent huge pages.
+
+    A training batch (128 x 224 x 224 x 3 float32: 77 MB) is above glibc's 32 MB mmap
+    ceiling, so every batch is fresh memory, and writing it took ~19,000 4 KiB page
+    faults: 0.15 ms per image, a third of the augmentation's time on 2 cores. With
+    huge pages that is ~40 faults (benchmarks/input_pipeline.py: floor 2,600 -> 4,100
+    images/s). Where madvise(MADV_HUGEPAGE) is unavailable this is torch.empty.
+    """
+    nbytes = 4 * math.prod(shape)
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes == 0:
+        return torch.empty(shape, dtype=torch.float32)
+    # Private: an anonymous MAP_SHARED mapping (mmap's default) is shmem, which gets no THP.
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # unmapped when the tensor dies
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.float32).view(shape)  # keeps buf alive
 
 
 def _normalize(crops: torch.Tensor, stats: ColorStats, shift: torch.Tensor | None) -> torch.Tensor:
@@ -88,6 +110,20 @@ def _draws(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: float):
     return ys, xs, flips, pca_shift(rng, n, stats, pca_std)
 
 
+class AugmentedBatch:
+    """A batch being augmented on `TrainAugment`'s threads."""
+
+    def __init__(self, futures: list[Future], out: torch.Tensor) -> None:
+        self._futures = futures
+        self._out = out
+
+    def result(self) -> torch.Tensor:
+        """Waits for every image; re-raises the first image's error, if any."""
+        for f in self._futures:
+            f.result()
+        return self._out
+
+
 class TrainAugment:
     """Decode + random crop + flip + PCA lighting + normalisation for one batch at a time."""
 
@@ -96,45 +132,68 @@ class TrainAugment:
         self.crop = crop
         self.pca_std = pca_std
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="augment")
+        self._band = max(1, _SERIAL_VALUES // (crop * 3))  # rows per torch op in _crop_one
 
     def _crop_one(
-        self, jpeg: bytes, y: int, x: int, flip: bool, scale: np.ndarray, offset: np.ndarray, out: np.ndarray
+        self,
+        jpeg: bytes,
+        y: int,
+        x: int,
+        flip: bool,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        out: torch.Tensor,
     ) -> None:
         """Decodes, crops, flips and normalises one image into `out` ((crop, crop, 3) float32)."""
-        img = decode_jpeg(jpeg)  # (S, S, 3) uint8
+        img = decode_jpeg(jpeg, reuse_buffer=True)  # (S, S, 3) uint8, this thread's buffer
         h, w = img.shape[:2]
         if h < self.crop or w < self.crop:
             raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={self.crop}")
         y, x = y % (h - self.crop + 1), x % (w - self.crop + 1)
-        patch = img[y : y + self.crop, x : x + self.crop]
-        # Two passes over a cache-sized image on this thread (numpy releases the GIL):
-        # (x / 255 + shift - mean) / std == x * scale + offset, per channel.
-        np.multiply(patch[:, ::-1] if flip else patch, scale, out=out)
-        out += offset
+        patch = torch.from_numpy(img[y : y + self.crop, x : x + self.crop])  # (crop, crop, 3) uint8
+        if flip:
+            patch = patch.flip(1)  # W axis
+        # (x / 255 + shift - mean) / std == offset + x * scale, fused in one pass (torch
+        # releases the GIL; numpy's uint8 * float32 broadcast was 3x slower). In bands
+        # of rows below torch's parallel grain (32768 values), so each op stays on this
+        # thread: whole-image ops fanned out to torch's OpenMP threads, which the other
+        # augmentation threads then fought over (-19% images/s on 2 cores).
+        for r in range(0, self.crop, self._band):
+            torch.addcmul(offset, patch[r : r + self._band], scale, out=out[r : r + self._band])
 
     def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
-        """Augments one batch.
+        """Augments one batch and waits for it: `submit(jpegs, rng).result()`."""
+        return self.submit(jpegs, rng).result()
 
-        Normalisation runs per image on the decode threads, fused with the lighting shift,
+    def submit(self, jpegs: list[bytes], rng: np.random.Generator) -> AugmentedBatch:
+        """Starts augmenting one batch on the threads and returns at once.
+
+        Submitting the next batch before waiting for this one keeps every thread busy
+        across batch boundaries (a batch's last images otherwise leave threads idle).
+        Normalisation runs per image on the threads, fused with the lighting shift,
         instead of five passes over the whole float batch after it (a third of the time
         of a batch on 2 cores, benchmarks/input_pipeline.py).
 
         Args:
             jpegs: Stored JPEG bytes, one per image.
             rng: The batch's generator; the same generator state gives the same batch.
+                All draws happen here, so batches may complete in any order.
 
         Returns:
-            (B, 3, crop, crop) float32, normalised (channels_last memory layout).
+            The pending batch; its `result()` is (B, 3, crop, crop) float32, normalised
+            (channels_last memory layout).
         """
         ys, xs, flips, shift = _draws(rng, len(jpegs), self.stats, self.pca_std)
-        mean = np.asarray(self.stats.mean, dtype=np.float32)
-        std = np.asarray(self.stats.std, dtype=np.float32)
+        mean = torch.tensor(self.stats.mean, dtype=torch.float32)
+        std = torch.tensor(self.stats.std, dtype=torch.float32)
         scale = 1.0 / (255.0 * std)  # (3,)
-        offsets = (shift - mean) / std  # (B, 3) float32
-        out = np.empty((len(jpegs), self.crop, self.crop, 3), dtype=np.float32)  # (B, crop, crop, 3)
-        scales = [scale] * len(jpegs)
-        list(self._pool.map(self._crop_one, jpegs, ys, xs, flips, scales, offsets, out))
-        return torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, 3, crop, crop)
+        offsets = (torch.from_numpy(shift) - mean) / std  # (B, 3) float32
+        out = _empty_float32((len(jpegs), self.crop, self.crop, 3))  # (B, crop, crop, 3)
+        futures = [
+            self._pool.submit(self._crop_one, *args, scale, offset, dst)
+            for *args, offset, dst in zip(jpegs, ys, xs, flips, offsets, out, strict=True)
+        ]
+        return AugmentedBatch(futures, out.permute(0, 3, 1, 2))  # (B, 3, crop, crop)
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
         """Decodes stored images on the augmentation threads: (S, S, 3) uint8 each."""
@@ -191,6 +250,12 @@ class GpuTrainAugment:
         self.crop = crop
         self.pca_std = pca_std
         self.device = torch.device(device)
+
+    def submit(self, jpegs: list[bytes], rng: np.random.Generator) -> Future:
+        """Augments one batch (queued on the device's stream); `result()` returns it."""
+        done: Future = Future()
+        done.set_result(self(jpegs, rng))
+        return done
 
     def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
         """Augments one batch: (B, 3, crop, crop) float32 on `device`."""

@@ -2,7 +2,7 @@
 
 The driver (`fit`) builds a `TorchTrainer`; every worker runs `train_loop_per_worker`:
 Ray Data streams JPEG bytes of its share of the train shards (`get_dataset_shard`),
-a thread pool decodes and augments them (pipeline.augment) one batch ahead of the model,
+a thread pool decodes and augments them (pipeline.augment) two batches ahead of the model,
 and DDP (gloo on CPUs, NCCL on GPUs) averages gradients. Each epoch ends with validation,
 exact top-1/top-5 counts summed over all workers, and a checkpoint reported through
 `ray.train.report`, so a rerun with the same storage folder resumes where it stopped and a
@@ -16,6 +16,7 @@ it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import queue
@@ -204,13 +205,22 @@ def epoch_batches(
 def augmented_batches(
     batches: Iterator[dict[str, np.ndarray]], augment, seed: int, epoch: int, rank: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x (B, 3, crop, crop) float32, y (B,) int64) pairs, prepared one batch ahead of the
-    consumer in a background thread while decoding runs on the augmentation threads."""
+    """(x (B, 3, crop, crop) float32, y (B,) int64) pairs, prepared ahead of the consumer.
+
+    A background thread feeds the augmentation threads: it submits batch i + 1 before
+    waiting for batch i, so they never idle at a batch boundary, and holds finished
+    batches for the consumer (`_prefetch`)."""
 
     def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pending: collections.deque = collections.deque()  # (AugmentedBatch, labels), oldest first
         for step, batch in enumerate(batches):
-            x = augment(list(batch["jpeg"]), batch_rng(seed, epoch, rank, step))
-            yield x, torch.as_tensor(batch["label"], dtype=torch.long)
+            x = augment.submit(list(batch["jpeg"]), batch_rng(seed, epoch, rank, step))
+            pending.append((x, torch.as_tensor(batch["label"], dtype=torch.long)))
+            if len(pending) == 2:  # the next batch is queued before this one is awaited
+                x, y = pending.popleft()
+                yield x.result(), y
+        for x, y in pending:
+            yield x.result(), y
 
     return _prefetch(prepared())
 

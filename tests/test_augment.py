@@ -71,6 +71,26 @@ def test_train_batches_reproducible_from_rng(images: list[np.ndarray]) -> None:
     aug.close()
 
 
+def test_batches_in_flight_match_batches_one_at_a_time() -> None:
+    # JPEGs, so each thread decodes into its own reused buffer: three threads with three
+    # batches queued must give exactly what one thread gives one batch at a time.
+    rng = np.random.default_rng(4)
+    jpegs = []
+    for _ in range(24):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    many, one = (
+        TrainAugment(IDENTITY, crop=32, pca_std=0.1, threads=3),
+        TrainAugment(IDENTITY, crop=32, pca_std=0.1, threads=1),
+    )
+    pending = [many.submit(jpegs, np.random.default_rng(seed)) for seed in (1, 2, 3)]
+    for seed, batch in zip((1, 2, 3), pending, strict=True):
+        assert torch.equal(batch.result(), one(jpegs, np.random.default_rng(seed)))
+    many.close()
+    one.close()
+
+
 def test_pca_shift_is_eigvec_times_scaled_eigval() -> None:
     alpha = np.random.default_rng(3).normal(0.0, 0.1, size=(4, 3))
     expected = np.array(
