@@ -100,9 +100,7 @@ def shard_path(fmt: str, split: str, index: int) -> str:
     return f"{fmt}/{split}/{name}"
 
 
-def plan_shards(
-    records: Sequence[Record], shard_size: int, seed: int
-) -> dict[str, list[list[Record]]]:
+def plan_shards(records: Sequence[Record], shard_size: int, seed: int) -> dict[str, list[list[Record]]]:
     """Cuts records into shards: train shuffled with `seed` first, val in given order.
 
     Args:
@@ -224,13 +222,34 @@ def write_shards(
         "shard_size": shard_size,
         "seed": seed,
         "shards": {
-            f: {s: [shard_path(f, s, i) for i in range(len(plan[s]))] for s in SPLITS}
-            for f in formats
+            f: {s: [shard_path(f, s, i) for i in range(len(plan[s]))] for s in SPLITS} for f in formats
         },
     }
     atomic_write_bytes(staging / META, json.dumps(meta, indent=1).encode())
     _swap_in(staging, out)
     return metrics
+
+
+def warm_workers() -> list[ray.ObjectRef]:
+    """Starts loading this module (torch included) into Ray's workers, without waiting.
+
+    A worker's first shard task otherwise begins by importing torch, whose resize
+    kernel preprocess_image uses: ~1.2 s here, a fixed cost per worker process that the
+    shard stage hides behind listing the input tree. One task per cluster CPU, all
+    pending at once, lands on every worker process the shard tasks will use.
+
+    Returns:
+        The tasks' refs; `ray.get` them to wait until the workers are ready.
+    """
+    if not ray.is_initialized():
+        ray.init()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(_loaded)
+    return [task.remote() for _ in range(cpus)]
+
+
+def _loaded() -> None:
+    """Ray task: nothing left to do, since running it imported this module."""
 
 
 def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) -> list[dict]:
@@ -289,9 +308,7 @@ def _write_shard(job: _ShardJob) -> dict:
         buf = pa.BufferOutputStream()
         # JPEG bytes do not compress; the small columns are not worth a codec either.
         pq.write_table(table, buf, compression="none")
-        atomic_write_bytes(
-            staging / shard_path("parquet", job.split, job.index), buf.getvalue().to_pybytes()
-        )
+        atomic_write_bytes(staging / shard_path("parquet", job.split, job.index), buf.getvalue().to_pybytes())
     if "webdataset" in job.formats:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -351,30 +368,44 @@ def shard_files(shards_dir: str, split: str, fmt: str) -> list[str]:
     return [f"{shards_dir.rstrip('/')}/{rel}" for rel in rels]
 
 
-def iter_shard(uri: str, fmt: str) -> Iterator[tuple[str, int, bytes]]:
-    """Yields (key, label, jpeg bytes) of one shard file, in stored order, without Ray."""
+READ_COLUMNS = ("key", "label", "jpeg")
+READ_SCHEMA = pa.schema([SCHEMA.field(c) for c in READ_COLUMNS])
+
+
+def read_shard_table(uri: str, fmt: str) -> pa.Table:
+    """One shard file as a table of key (string), label (int64), jpeg (binary), in stored order."""
     fs, path = resolve(uri)
     if fmt == "parquet":
-        table = pq.read_table(path, filesystem=fs, columns=["key", "label", "jpeg"])
-        yield from zip(
-            *(table.column(c).to_pylist() for c in ("key", "label", "jpeg")), strict=True
-        )
-        return
+        return pq.read_table(path, filesystem=fs, columns=list(READ_COLUMNS))
+    rows: dict[str, list] = {c: [] for c in READ_COLUMNS}
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        jpeg = b""
         for member in tar:
             key, ext = member.name.split(".", 1)
             payload = tar.extractfile(member).read()
             if ext == "jpg":
-                jpeg = payload
+                rows["key"].append(key)
+                rows["jpeg"].append(payload)
             else:  # .cls follows its .jpg
-                yield key, int(payload), jpeg
+                rows["label"].append(int(payload))
+    return pa.table(rows, schema=READ_SCHEMA)
+
+
+def iter_shard(uri: str, fmt: str) -> Iterator[tuple[str, int, bytes]]:
+    """Yields (key, label, jpeg bytes) of one shard file, in stored order, without Ray."""
+    table = read_shard_table(uri, fmt)
+    yield from zip(*(table.column(c).to_pylist() for c in READ_COLUMNS), strict=True)
 
 
 def read_shards(
     shards_dir: str, split: str, *, fmt: str = "parquet", decode: bool = True
 ) -> ray.data.Dataset:
-    """Reads one split of a shard output as a Ray Dataset.
+    """Reads one split of a shard output as a Ray Dataset, one block per shard file.
+
+    Both formats go through `read_shard_table` in Ray tasks, one task per file, so
+    blocks stream in shard by shard, in meta.json's order. Ray 2.60's read_parquet
+    planned the benchmark's 20 shards (100 MB) as one listing task and one read task:
+    no row came out before all were read, a 1.0-1.4 s stall at every epoch start
+    (5,000 images, benchmarks/input_pipeline.py).
 
     Args:
         shards_dir: The `out_dir` of `write_shards` (local path or URI).
@@ -388,24 +419,15 @@ def read_shards(
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    fs, _ = resolve(shards_dir)
-    paths = [resolve(uri)[1] for uri in shard_files(shards_dir, split, fmt)]
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "label", "jpeg"])
-    else:
-        # decoder=None: raw member bytes; we decode (or not) ourselves.
-        ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["jpg", "cls"])
-        ds = ds.map_batches(_from_webdataset, batch_format="numpy")
+    files = shard_files(shards_dir, split, fmt)
+    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_files, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="pyarrow")
     return ds.map_batches(_decode_batch, batch_format="numpy") if decode else ds
 
 
-def _from_webdataset(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """WebDataset columns (__key__, jpg, cls bytes) -> key, label (int64), jpeg."""
-    return {
-        "key": batch["__key__"],
-        "label": np.array([int(c) for c in batch["cls"]], dtype=np.int64),
-        "jpeg": batch["jpg"],
-    }
+def _read_files(batch: pa.Table, fmt: str) -> pa.Table:
+    """Ray Data map: a batch of shard URIs -> their rows."""
+    return pa.concat_tables([read_shard_table(uri, fmt) for uri in batch.column("uri").to_pylist()])
 
 
 def _decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,15 +6,16 @@ from pipeline.atomic import atomic_write_text
 from pipeline.cluster import init_ray
 from pipeline.config import load_params
 from pipeline.imagenet import ingest_cifar10, ingest_imagenet
-from pipeline.shards import write_shards
+from pipeline.shards import warm_workers, write_shards
 
 
 def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
     params = load_params()
     data, s = params["data"], params["shard"]
-    catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
     init_ray()
+    warm_workers()  # the workers import torch while the driver lists data.raw
+    catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
     metrics = write_shards(
         catalog.records,
         data.shards,

@@ -18,8 +18,15 @@ from test_imagenet import CIFAR_CLASSES, cifar_pixels, image_bytes, make_cifar, 
 from torchvision import transforms
 
 from pipeline.imagenet import ingest_cifar10, ingest_imagenet
-from pipeline.preprocess import Processed, Rejected, decode_jpeg, preprocess_image
-from pipeline.shards import TooManyBadFilesError, read_shards, write_shards
+from pipeline.preprocess import (
+    Processed,
+    Rejected,
+    _decode_turbo,
+    _preprocess_pillow,
+    decode_jpeg,
+    preprocess_image,
+)
+from pipeline.shards import TooManyBadFilesError, read_shards, warm_workers, write_shards
 
 SIZE = 64  # small stored images keep the tests fast; the geometry is size-independent
 SHARD = 3
@@ -127,6 +134,28 @@ def test_truncated_progressive_and_missing_eoi_rejected() -> None:
         assert isinstance(out, Rejected) and out.reason.startswith("truncated image")
 
 
+def test_libjpeg_turbo_takes_ycbcr_and_grey_jpegs_pillow_the_rest() -> None:
+    # The fast path must really run (a header misread once sent every file to Pillow).
+    files = quirk_files() | {"plain.JPEG": image_bytes(6, (500, 375), quality=90)}
+    taken = {name: _decode_turbo(data, SIZE) is not None for name, data in files.items()}
+    assert taken == {
+        "plain.JPEG": True,
+        "n02000002_grey.JPEG": True,
+        "n02000002_prog.JPEG": True,
+        "n02000002_cmyk.JPEG": False,  # libjpeg-turbo has no CMYK -> RGB
+        "n02000002_png.JPEG": False,
+    }
+    assert _decode_turbo(files["plain.JPEG"][:-2], SIZE) is None  # no EOI: Pillow rejects it
+
+
+@pytest.mark.parametrize("size_wh", [(500, 375), (375, 500), (1200, 900)])
+def test_libjpeg_turbo_and_pillow_paths_agree(size_wh: tuple[int, int]) -> None:
+    data = image_bytes(7, size_wh, quality=90)
+    fast = decode_jpeg(preprocess_image(data).jpeg).astype(int)
+    slow = decode_jpeg(_preprocess_pillow(data, 256, 90).jpeg).astype(int)
+    assert np.abs(fast - slow).mean() < 1.0
+
+
 def test_refuses_to_run_with_truncated_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
@@ -171,9 +200,7 @@ def sharded(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def test_every_input_accounted_for(sharded: tuple[Path, Path, dict]) -> None:
     root, out, metrics = sharded
-    n_train = sum(
-        1 for p in (root / "train").rglob("*") if p.suffix.lower() == ".jpeg" or p.suffix == ".jpg"
-    )
+    n_train = sum(1 for p in (root / "train").rglob("*") if p.suffix.lower() == ".jpeg" or p.suffix == ".jpg")
     assert metrics["inputs"] == {"train": n_train, "val": 4}
     assert metrics["quarantined"] == {"train": len(BAD_FILES), "val": 0}
     for split in ("train", "val"):
@@ -217,9 +244,7 @@ def test_layout_meta_and_formats_agree(sharded: tuple[Path, Path, dict]) -> None
     assert val == sorted(val)  # official order kept
 
 
-def test_train_shards_are_shuffled_and_seeded(
-    sharded: tuple[Path, Path, dict], tmp_path: Path
-) -> None:
+def test_train_shards_are_shuffled_and_seeded(sharded: tuple[Path, Path, dict], tmp_path: Path) -> None:
     root, out, _ = sharded
 
     def train_keys(d: Path) -> list[str]:
@@ -232,25 +257,19 @@ def test_train_shards_are_shuffled_and_seeded(
     assert sorted(train_keys(tmp_path / "other")) == sorted(keys) != train_keys(tmp_path / "other")
 
 
-def test_deterministic_across_runs_and_scheduling(
-    sharded: tuple[Path, Path, dict], tmp_path: Path
-) -> None:
+def test_deterministic_across_runs_and_scheduling(sharded: tuple[Path, Path, dict], tmp_path: Path) -> None:
     root, out, _ = sharded
     shard(root, tmp_path / "again", max_in_flight=1)
     assert digest(tmp_path / "again") == digest(out)
 
 
-def test_rerun_after_interruption_equals_clean_run(
-    sharded: tuple[Path, Path, dict], tmp_path: Path
-) -> None:
+def test_rerun_after_interruption_equals_clean_run(sharded: tuple[Path, Path, dict], tmp_path: Path) -> None:
     root, out, _ = sharded
     dirty = tmp_path / "out"
     # What a killed run leaves: a stale staging folder with a partial shard, and an
     # older output with a truncated part, a stray *.tmp and no meta.json.
     (tmp_path / ".out.staging" / "parquet" / "train").mkdir(parents=True)
-    (tmp_path / ".out.staging" / "parquet" / "train" / "part-00000.parquet.tmp").write_bytes(
-        b"PAR1"
-    )
+    (tmp_path / ".out.staging" / "parquet" / "train" / "part-00000.parquet.tmp").write_bytes(b"PAR1")
     (dirty / "parquet" / "train").mkdir(parents=True)
     part = (out / "parquet" / "train" / "part-00000.parquet").read_bytes()
     (dirty / "parquet" / "train" / "part-00000.parquet").write_bytes(part[: len(part) // 2])
@@ -262,14 +281,10 @@ def test_rerun_after_interruption_equals_clean_run(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_too_many_bad_files_raises_after_report(
-    sharded: tuple[Path, Path, dict], tmp_path: Path
-) -> None:
+def test_too_many_bad_files_raises_after_report(sharded: tuple[Path, Path, dict], tmp_path: Path) -> None:
     root, _, metrics = sharded
     total = sum(metrics["inputs"].values())
-    with pytest.raises(
-        TooManyBadFilesError, match=rf"4 of {total} inputs.*max_bad_fraction=0\.001"
-    ):
+    with pytest.raises(TooManyBadFilesError, match=rf"4 of {total} inputs.*max_bad_fraction=0\.001"):
         shard(root, tmp_path / "out", max_bad_fraction=0.001)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["quarantine.csv"]
     assert len((tmp_path / "out" / "quarantine.csv").read_text().splitlines()) == 1 + len(BAD_FILES)
@@ -299,6 +314,25 @@ def test_round_trip(sharded: tuple[Path, Path, dict], fmt: str) -> None:
             assert row["image"].dtype == np.uint8 and row["image"].shape == (SIZE, SIZE, 3)
             np.testing.assert_array_equal(row["image"], decode_jpeg(raw[key]["jpeg"]))
             assert np.abs(row["image"] - reference(sources[key], SIZE)).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_read_shards_streams_one_block_per_shard_in_stored_order(
+    sharded: tuple[Path, Path, dict], fmt: str
+) -> None:
+    # One block per file, so training's first batch waits for one shard, not all of them.
+    _, out, _ = sharded
+    files = sorted((out / "parquet" / "train").glob("*.parquet"))
+    blocks = list(read_shards(str(out), "train", fmt=fmt, decode=False).iter_batches(batch_size=None))
+    assert [list(b["key"]) for b in blocks] == [pq.read_table(f)["key"].to_pylist() for f in files]
+
+
+def test_warm_workers_reaches_every_cpu(ray_local: None) -> None:
+    import ray
+
+    refs = warm_workers()
+    assert len(refs) == int(ray.cluster_resources()["CPU"])
+    assert ray.get(refs) == [None] * len(refs)
 
 
 def test_read_shards_through_file_uri(sharded: tuple[Path, Path, dict]) -> None:
