@@ -9,9 +9,10 @@ side >= `size`. EXIF orientation is ignored, as in torchvision and the reference
 Speed (benchmarks/preprocess.py, per image on one core): JPEGs decode with libjpeg-turbo
 through simplejpeg into a reused buffer (a fresh ~0.5 MB array per image costs a fifth
 of the decode in page faults), are resampled by torch's uint8 antialiased bilinear
-kernel (SIMD; 3x Pillow's) and encoded by simplejpeg. Anything simplejpeg cannot take
-(CMYK, PNG under a .JPEG name, damaged files) goes through Pillow, which also gives the
-quarantine reason for bad files.
+kernel (SIMD: 0.1 ms where Pillow took 0.64 ms) and encoded by simplejpeg: 1.07 ms per
+ImageNet-sized image against 1.72 ms with Pillow throughout. Anything simplejpeg cannot
+take (CMYK, PNG under a .JPEG name, damaged files) goes through Pillow, which also gives
+the quarantine reason for bad files.
 """
 
 from __future__ import annotations
