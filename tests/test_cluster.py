@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +85,18 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def ray_head() -> Iterator[str]:
-    """A real single-node Ray cluster started with `ray start --head` on 127.0.0.1."""
+    """A real single-node Ray cluster started with `ray start --head` on 127.0.0.1.
+
+    Its session lives in its own temp dir, deleted afterwards: the job's pip runtime env
+    (the pinned torch, ray, mlflow...) is 6 GB, which Ray keeps until the folder goes.
+    The path stays short, since Ray's socket paths must fit in 107 characters.
+    """
     dash, gcs = free_port(), free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-test-"))
     args = [
         "start",
+        "--temp-dir",
+        str(temp_dir),
         "--head",
         "--block",
         "--node-ip-address",
@@ -103,8 +113,11 @@ def ray_head() -> Iterator[str]:
         "true",
         "--disable-usage-stats",
     ]
-    with serving("ray", args, f"http://127.0.0.1:{dash}", "/api/version") as address:
-        yield address
+    try:
+        with serving("ray", args, f"http://127.0.0.1:{dash}", "/api/version") as address:
+            yield address
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_submitted_training_job_tracks_run_and_model(
