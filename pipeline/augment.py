@@ -66,8 +66,9 @@ def _empty_float32(shape: tuple[int, ...]) -> torch.Tensor:
     A training batch (128 x 224 x 224 x 3 float32: 77 MB) is above glibc's 32 MB mmap
     ceiling, so every batch is fresh memory, and writing it took ~19,000 4 KiB page
     faults: 0.15 ms per image, a third of the augmentation's time on 2 cores. With
-    huge pages that is ~40 faults (benchmarks/input_pipeline.py: floor 2,600 -> 4,100
-    images/s). Where madvise(MADV_HUGEPAGE) is unavailable this is torch.empty.
+    huge pages that is ~40 faults (benchmarks/input_pipeline.py: floor 2,583 -> 3,289
+    images/s, ours 2,021 -> 2,703). Where madvise(MADV_HUGEPAGE) is unavailable this is
+    torch.empty.
     """
     nbytes = 4 * math.prod(shape)
     if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes == 0:
