@@ -241,11 +241,15 @@ def warm_workers() -> list[ray.ObjectRef]:
     Returns:
         The tasks' refs; `ray.get` them to wait until the workers are ready.
     """
+    task = ray.remote(_loaded)
+    return [task.remote() for _ in range(_cluster_cpus())]
+
+
+def _cluster_cpus() -> int:
+    """The Ray cluster's CPUs (at least 1), starting a local Ray if none is running."""
     if not ray.is_initialized():
         ray.init()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = ray.remote(_loaded)
-    return [task.remote() for _ in range(cpus)]
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _loaded() -> None:
@@ -254,10 +258,9 @@ def _loaded() -> None:
 
 def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) -> list[dict]:
     """Runs one Ray task per job, at most `max_in_flight` pending; results in job order."""
-    if not ray.is_initialized():
-        ray.init()
+    cpus = _cluster_cpus()
     if max_in_flight is None:
-        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        max_in_flight = 2 * cpus
     remote = ray.remote(_write_shard)
     results: list[dict | None] = [None] * len(jobs)
     pending: dict[ray.ObjectRef, int] = {}
