@@ -21,7 +21,7 @@ install: $(STAMP)
 run: $(STAMP)
 	test -d .dvc || dvc init -q
 	dvc repro
-	$(PY) -m pipeline.report
+	$(PY) -m cli.report
 
 ## The whole test suite (real Ray, MLflow, DVC on tiny generated data).
 test: $(STAMP)

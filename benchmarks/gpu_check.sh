@@ -3,7 +3,7 @@
 # (width 1.0, 227 crops, batch 128, bf16 autocast, channels_last) on CUDA, fed by the GPU
 # input path (GpuTrainAugment: batched torchvision.io.decode_jpeg on the device).
 #
-# Self-contained: generates a small synthetic ILSVRC-shaped sample (pipeline.sample),
+# Self-contained: generates a small synthetic ILSVRC-shaped sample (pipeline.data.sample),
 # shards it at 256 px (write_shards on a local Ray), holds the JPEG bytes in memory and
 # trains on them. Prints training images/s, peak GPU memory, and the input path alone
 # vs the model alone (synthetic tensors) to say which one bounds training. Under 5 minutes
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from pipeline.augment import ColorStats, GpuTrainAugment
-from pipeline.imagenet import ingest_imagenet
-from pipeline.sample import generate_sample
-from pipeline.shards import iter_shard, shard_files, write_shards
-from pipeline.training import batch_rng
+from pipeline.transforms import ColorStats, GpuTrainAugment
+from pipeline.data.imagenet import ingest_imagenet
+from pipeline.data.sample import generate_sample
+from pipeline.data.shards import iter_shard, shard_files, write_shards
+from pipeline.train.loop import batch_rng
 
 STATS = ColorStats(  # ImageNet's usual values (docs: /work/shared/spec/alexnet.md); speed only
     mean=(0.485, 0.456, 0.406),
@@ -117,7 +117,7 @@ model.train()
 
 
 def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-    """One bf16-autocast SGD step on channels_last input, as pipeline.training does."""
+    """One bf16-autocast SGD step on channels_last input, as pipeline.train.loop does."""
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x).float(), y)

@@ -41,10 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.preprocess import build_corpus  # noqa: E402
-from pipeline.augment import ColorStats, TrainAugment  # noqa: E402
-from pipeline.imagenet import ingest_imagenet  # noqa: E402
-from pipeline.shards import read_shards, shard_files, write_shards  # noqa: E402
-from pipeline.training import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
+from pipeline.data.shards import read_shards, shard_files, write_shards  # noqa: E402
+from pipeline.train.loop import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.transforms import ColorStats, TrainAugment  # noqa: E402
 
 # The usual ImageNet statistics (fb.resnet.torch; /work/shared/spec/alexnet.md): the
 # benchmark measures speed, so the training set's own stats are not needed.
@@ -121,7 +121,7 @@ def floor_pass(files: list[str], augment: TrainAugment, batch: int) -> int:
     """The same augmentation over batches read with pyarrow, no framework; returns images."""
     import numpy as np
 
-    from pipeline.training import batch_rng
+    from pipeline.train.loop import batch_rng
 
     n = 0
     step = 0

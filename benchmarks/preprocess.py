@@ -48,9 +48,9 @@ import ray
 from PIL import Image
 from skimage import data as skdata
 
-from pipeline.imagenet import Record, ingest_imagenet, read_bytes
-from pipeline.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE, preprocess_image
-from pipeline.shards import warm_workers, write_shards
+from pipeline.data.imagenet import Record, ingest_imagenet, read_bytes
+from pipeline.data.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE, preprocess_image
+from pipeline.data.shards import warm_workers, write_shards
 
 PHOTOS = (  # colour photographs bundled in the scikit-image wheel (no download)
     "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",

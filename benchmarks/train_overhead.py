@@ -1,7 +1,7 @@
 """Ray Train's overhead: training images/s through a TorchTrainer against a plain PyTorch loop.
 
 Both run the same step (forward, cross-entropy, backward, SGD-momentum step, as
-pipeline.training's `_train_epoch`) of the same network on the same in-memory batches,
+pipeline.train.loop's `_train_epoch`) of the same network on the same in-memory batches,
 regenerated from one seed in each process, with the same `torch.set_num_threads`; neither
 reads or augments data, so the difference is what Ray Train adds: the worker process,
 `prepare_model` (DDP on several workers), and a `ray.train.report` per epoch as the real

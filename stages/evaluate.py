@@ -3,7 +3,7 @@
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate
+from pipeline.evaluate import evaluate
 
 
 def main() -> None:

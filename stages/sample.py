@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.sample import generate_sample
+from pipeline.data.sample import generate_sample
 
 
 def main() -> None:

@@ -2,11 +2,11 @@
 
 import json
 
-from pipeline.atomic import atomic_write_text
 from pipeline.cluster import init_ray
 from pipeline.config import load_params
-from pipeline.imagenet import ingest_cifar10, ingest_imagenet
-from pipeline.shards import warm_workers, write_shards
+from pipeline.data.imagenet import ingest_cifar10, ingest_imagenet
+from pipeline.data.shards import warm_workers, write_shards
+from pipeline.storage import atomic_write_text
 
 
 def main() -> None:

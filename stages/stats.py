@@ -2,10 +2,10 @@
 
 import json
 
-from pipeline.atomic import atomic_write_text
 from pipeline.cluster import init_ray
 from pipeline.config import load_params
-from pipeline.stats import compute_stats
+from pipeline.data.stats import compute_stats
+from pipeline.storage import atomic_write_text
 
 
 def main() -> None:

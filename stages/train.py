@@ -3,7 +3,7 @@
 import json
 
 from pipeline.config import load_params
-from pipeline.run_training import train
+from pipeline.train.driver import train
 
 
 def main() -> None:

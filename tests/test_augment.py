@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import ColorStats, GpuTrainAugment, TrainAugment, eval_batch, pca_shift, ten_crop_boxes
+from pipeline.transforms import (
+    ColorStats,
+    GpuTrainAugment,
+    TrainAugment,
+    eval_batch,
+    pca_shift,
+    ten_crop_boxes,
+)
 
 IDENTITY = ColorStats(
     mean=(0.0, 0.0, 0.0),

@@ -1,5 +1,5 @@
 """Ray job submission for real: a local head started with `ray start --head` on 127.0.0.1,
-a real `mlflow server`, and the documented `python -m pipeline.submit` command."""
+a real `mlflow server`, and the documented `python -m cli.submit` command."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_submitted_training_job_tracks_run_and_model(
 
     env = stage_env() | {"RAY_ADDRESS": ray_head, "MLFLOW_TRACKING_URI": mlflow_server}
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.submit", "--params", str(params_file), "train", "evaluate"],
+        [sys.executable, "-m", "cli.submit", "--params", str(params_file), "train", "evaluate"],
         cwd=ws,
         env=env,
         capture_output=True,

@@ -16,7 +16,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline.imagenet import (
+from pipeline.data.imagenet import (
     CIFAR_DIR,
     DEVKIT_GROUND_TRUTH,
     DEVKIT_META,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model_io import load_model
+from pipeline.train.model_card import load_model
 from tests.conftest import ROOT, stage_env, write_params
 
 STAGES = ("sample", "shard", "stats", "train", "evaluate")

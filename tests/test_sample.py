@@ -1,4 +1,4 @@
-"""Tests for the synthetic ILSVRC-2012-shaped sample (pipeline/sample.py)."""
+"""Tests for the synthetic ILSVRC-2012-shaped sample (pipeline/data/sample.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import sample
-from pipeline.sample import design_name, generate_sample, load_synsets, select_classes
+from pipeline.data import sample
+from pipeline.data.sample import design_name, generate_sample, load_synsets, select_classes
 
 TINY = {"num_classes": 3, "train_per_class": 6, "val_per_class": 2}
 

@@ -17,8 +17,8 @@ from PIL import Image, ImageFile
 from test_imagenet import CIFAR_CLASSES, cifar_pixels, image_bytes, make_cifar, make_imagenet
 from torchvision import transforms
 
-from pipeline.imagenet import ingest_cifar10, ingest_imagenet
-from pipeline.preprocess import (
+from pipeline.data.imagenet import ingest_cifar10, ingest_imagenet
+from pipeline.data.preprocess import (
     Processed,
     Rejected,
     _decode_turbo,
@@ -26,7 +26,7 @@ from pipeline.preprocess import (
     decode_jpeg,
     preprocess_image,
 )
-from pipeline.shards import TooManyBadFilesError, read_shards, warm_workers, write_shards
+from pipeline.data.shards import TooManyBadFilesError, read_shards, warm_workers, write_shards
 
 SIZE = 64  # small stored images keep the tests fast; the geometry is size-independent
 SHARD = 3

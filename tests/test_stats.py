@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from test_imagenet import make_imagenet
 
-from pipeline.imagenet import ingest_imagenet
-from pipeline.preprocess import decode_jpeg
-from pipeline.shards import read_shards, write_shards
-from pipeline.stats import compute_stats
+from pipeline.data.imagenet import ingest_imagenet
+from pipeline.data.preprocess import decode_jpeg
+from pipeline.data.shards import read_shards, write_shards
+from pipeline.data.stats import compute_stats
 
 
 @pytest.fixture(scope="module")

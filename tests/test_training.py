@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from pipeline.training import PlateauSchedule, StepSchedule, topk_correct
+from pipeline.train.loop import PlateauSchedule, StepSchedule, topk_correct
 from tests.conftest import run_stage, stage_env
 
 

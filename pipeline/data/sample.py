@@ -98,7 +98,7 @@ def load_synsets(path: Path | str | None = None) -> list[tuple[str, str]]:
         ValueError: A line is not ``n<8 digits> <names>``.
     """
     if path is None:
-        text = resources.files("pipeline").joinpath(MAPPING_FILE).read_text(encoding="utf-8")
+        text = resources.files("pipeline.data").joinpath(MAPPING_FILE).read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     synsets = []

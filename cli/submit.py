@@ -1,6 +1,6 @@
 """Submit pipeline stages as a Ray job to the cluster at RAY_ADDRESS.
 
-    python -m pipeline.submit --params params-cluster.yaml train evaluate
+    python -m cli.submit --params params-cluster.yaml train evaluate
 
 The job's working dir is a staging copy of this project's code (the files git tracks,
 minus data, plots and metrics; never venvs, caches or checkpoints), with the chosen params

@@ -2,7 +2,7 @@
 
 The driver (`fit`) builds a `TorchTrainer`; every worker runs `train_loop_per_worker`:
 Ray Data streams JPEG bytes of its share of the train shards (`get_dataset_shard`),
-a thread pool decodes and augments them (pipeline.augment) two batches ahead of the model,
+a thread pool decodes and augments them (pipeline.transforms) two batches ahead of the model,
 and DDP (gloo on CPUs, NCCL on GPUs) averages gradients. Each epoch ends with validation,
 exact top-1/top-5 counts summed over all workers, and a checkpoint reported through
 `ray.train.report`, so a rerun with the same storage folder resumes where it stopped and a
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import ColorStats, GpuTrainAugment, TrainAugment, eval_batch
 from pipeline.config import ModelParams, TrainParams
-from pipeline.model_io import build_from_params
+from pipeline.train.model_card import build_from_params
+from pipeline.transforms import ColorStats, GpuTrainAugment, TrainAugment, eval_batch
 
 STATE_FILE = "state.pt"
 

@@ -18,13 +18,13 @@ import ray
 import torch
 
 from pipeline import tracking
-from pipeline.atomic import atomic_write_bytes, atomic_write_text
-from pipeline.augment import ColorStats, eval_batch
 from pipeline.cluster import init_ray
-from pipeline.model_io import load_model
-from pipeline.preprocess import decode_jpeg
-from pipeline.shards import read_meta, read_shards
+from pipeline.data.preprocess import decode_jpeg
+from pipeline.data.shards import read_meta, read_shards
+from pipeline.storage import atomic_write_bytes, atomic_write_text
 from pipeline.tracking import register_model
+from pipeline.train.model_card import load_model
+from pipeline.transforms import ColorStats, eval_batch
 
 
 class Predictor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from models import build_model
-from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.storage import atomic_write_bytes, atomic_write_text
 
 WEIGHTS = "model.pt"
 CARD = "model.json"

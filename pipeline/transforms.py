@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.preprocess import decode_jpeg
+from pipeline.data.preprocess import decode_jpeg
 
 _SERIAL_VALUES = 32768  # torch's at::internal::GRAIN_SIZE: smaller ops run on the calling thread
 

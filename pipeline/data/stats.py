@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from pipeline.preprocess import decode_jpeg
-from pipeline.shards import FORMATS, iter_shard, shard_files
+from pipeline.data.preprocess import decode_jpeg
+from pipeline.data.shards import FORMATS, iter_shard, shard_files
 
 CHANNELS = 3
 MAX_VALUE = 255.0  # uint8 pixels -> [0, 1]

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.atomic import atomic_write_text
-from pipeline.augment import ColorStats
 from pipeline.cluster import init_ray
 from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams, as_flat_dict
-from pipeline.imagenet import read_bytes
-from pipeline.model_io import save_model
-from pipeline.runstate import RunState, run_key, storage_uri
-from pipeline.shards import META, read_shards
-from pipeline.training import check_resources, fit, load_state, worker_config
+from pipeline.data.imagenet import read_bytes
+from pipeline.data.shards import META, read_shards
+from pipeline.storage import atomic_write_text
+from pipeline.train.loop import check_resources, fit, load_state, worker_config
+from pipeline.train.model_card import save_model
+from pipeline.train.runstate import RunState, run_key, storage_uri
+from pipeline.transforms import ColorStats
 
 
 def _read_meta(data: DataParams) -> tuple[dict[str, Any], bytes]:

@@ -48,15 +48,15 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_write_bytes
-from pipeline.imagenet import SPLITS, Record, read_bytes, resolve
-from pipeline.preprocess import (
+from pipeline.data.imagenet import SPLITS, Record, read_bytes, resolve
+from pipeline.data.preprocess import (
     DEFAULT_QUALITY,
     DEFAULT_SIZE,
     Processed,
     decode_jpeg,
     preprocess_image,
 )
+from pipeline.storage import atomic_write_bytes
 
 FORMATS = ("parquet", "webdataset")
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
@@ -141,7 +141,7 @@ def write_shards(
     on a cluster) path; it is replaced as a whole when the run succeeds.
 
     Args:
-        records: From `pipeline.imagenet.ingest_imagenet` / `ingest_cifar10`.
+        records: From `pipeline.data.imagenet.ingest_imagenet` / `ingest_cifar10`.
         out_dir: Output folder.
         classes: Wnids (or class names) in label order, for meta.json.
         names: Human-readable class names in label order; defaults to `classes`.
