@@ -30,11 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from pipeline.transforms import ColorStats, GpuTrainAugment
+from pipeline.data.stats import ColorStats
+from pipeline.transforms import GpuTrainAugment
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.sample import generate_sample
-from pipeline.data.shards import iter_shard, shard_files, write_shards
-from pipeline.train.loop import batch_rng
+from pipeline.config import ShardParams
+from pipeline.data.shard_writer import write_shards
+from pipeline.data.shards import ShardMeta, iter_shard
+from pipeline.train.batches import batch_rng
 
 STATS = ColorStats(  # ImageNet's usual values (docs: /work/shared/spec/alexnet.md); speed only
     mean=(0.485, 0.456, 0.406),
@@ -89,10 +92,10 @@ with tempfile.TemporaryDirectory() as tmp:
     generate_sample(Path(tmp) / "raw", num_classes=10, train_per_class=args.train_per_class, val_per_class=1)
     catalog = ingest_imagenet(str(Path(tmp) / "raw"))
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-    write_shards(catalog.records, Path(tmp) / "shards", classes=catalog.classes, size=256, fmt="parquet",
-                 shard_size=500, progress=False)
+    write_shards(catalog.records, Path(tmp) / "shards", classes=catalog.classes,
+                 settings=ShardParams(size=256, format="parquet", shard_size=500), progress=False)
     ray.shutdown()
-    rows = [r for f in shard_files(str(Path(tmp) / "shards"), "train", "parquet") for r in iter_shard(f, "parquet")]
+    rows = [r for f in ShardMeta.read(str(Path(tmp) / "shards")).files("train", "parquet") for r in iter_shard(f, "parquet")]
 jpegs, labels = [r[2] for r in rows], np.array([r[1] for r in rows])
 print(f"sample: {len(jpegs)} train JPEGs at 256 px, {np.mean([len(b) for b in jpegs]) / 1e3:.0f} KB mean "
       f"(ready in {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -41,10 +41,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.preprocess import build_corpus  # noqa: E402
+from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
-from pipeline.data.shards import read_shards, shard_files, write_shards  # noqa: E402
-from pipeline.train.loop import augmented_batches, epoch_batches  # noqa: E402
-from pipeline.transforms import ColorStats, TrainAugment  # noqa: E402
+from pipeline.data.shard_writer import write_shards  # noqa: E402
+from pipeline.data.shards import ShardMeta, read_shards  # noqa: E402
+from pipeline.data.stats import ColorStats  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.transforms import TrainAugment  # noqa: E402
 
 # The usual ImageNet statistics (fb.resnet.torch; /work/shared/spec/alexnet.md): the
 # benchmark measures speed, so the training set's own stats are not needed.
@@ -93,9 +96,8 @@ def ensure_shards(corpus: Path, out: Path) -> None:
     catalog = ingest_imagenet(str(corpus))
     # One train split of all images: the benchmark wants the most images per pass.
     records = [dataclasses.replace(r, split="train") for r in catalog.records]
-    write_shards(
-        records, out, classes=catalog.classes, size=SIZE, fmt="parquet", shard_size=SHARD_SIZE, progress=False
-    )
+    settings = ShardParams(size=SIZE, format="parquet", shard_size=SHARD_SIZE)
+    write_shards(records, out, classes=catalog.classes, settings=settings, progress=False)
     manifest.write_text(json.dumps(wanted))
 
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
     shards = args.workdir / f"shards-{SIZE}"
     ensure_shards(corpus, shards)
-    files = shard_files(str(shards), "train", "parquet")
+    files = ShardMeta.read(str(shards)).files("train", "parquet")
     augment = TrainAugment(STATS, args.crop, 0.1, threads=args.cpus)
 
     ds = read_shards(str(shards), "train", decode=False)

@@ -48,9 +48,12 @@ import ray
 from PIL import Image
 from skimage import data as skdata
 
-from pipeline.data.imagenet import Record, ingest_imagenet, read_bytes
+from pipeline.config import ShardParams
+from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE, preprocess_image
-from pipeline.data.shards import warm_workers, write_shards
+from pipeline.data.records import Record
+from pipeline.data.shard_writer import warm_workers, write_shards
+from pipeline.storage import read_bytes
 
 PHOTOS = (  # colour photographs bundled in the scikit-image wheel (no download)
     "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -238,6 +241,11 @@ def report(label: str, n: int, seconds: float, rates: dict[str, float]) -> None:
     print(f"{label}: {rates[label]:.1f} images/s ({n} images, load avg after: {_load()})", flush=True)
 
 
+def _settings(shard_size: int) -> ShardParams:
+    """The stage's shard params at this benchmark's shard size (both formats, as the stage)."""
+    return ShardParams(size=DEFAULT_SIZE, format="both", shard_size=shard_size)
+
+
 def stage_run(records: list[Record], out: Path, classes: list[str], shard_size: int) -> float:
     """Runs write_shards as the stage does; returns its seconds.
 
@@ -246,7 +254,7 @@ def stage_run(records: list[Record], out: Path, classes: list[str], shard_size: 
     """
     ray.get(warm_workers())
     start = time.perf_counter()
-    write_shards(records, out, classes=classes, fmt="both", shard_size=shard_size, progress=False)
+    write_shards(records, out, classes=classes, settings=_settings(shard_size), progress=False)
     return time.perf_counter() - start
 
 
@@ -254,7 +262,7 @@ def stage_peak_rss(records: list[Record], out: Path, classes: list[str], shard_s
     """Runs write_shards again under the RSS sampler (apart from the timed run: sampling
     every process every 50 ms took ~10% of the 2 cores)."""
     with PeakRss() as rss:
-        write_shards(records, out, classes=classes, fmt="both", shard_size=shard_size, progress=False)
+        write_shards(records, out, classes=classes, settings=_settings(shard_size), progress=False)
     return rss
 
 

@@ -10,7 +10,7 @@ from pipeline.config import load_params
 
 def report() -> str:
     """The results table as text."""
-    data = load_params()["data"]
+    data = load_params().data
     ev = json.loads(Path(data.eval_metrics).read_text())
     tr = json.loads(Path(data.train_metrics).read_text())
     rows = [

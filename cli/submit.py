@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     use_token_if_available()  # before Ray is imported: it reads the auth mode once
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    local = [p for p in (params["data"].shards, params["data"].checkpoints) if "://" not in p]
+    local = [p for p in (params.data.shards, params.data.checkpoints) if "://" not in p]
     relative = [p for p in local if not Path(p).is_absolute()]
     if relative:
         print(

@@ -1,111 +1,41 @@
 """Networks of the project: the paper's AlexNet, torchvision's variant, the CIFAR-10 net.
 
-The rest of the project builds models only through :func:`build_model`.
+The rest of the project builds models only through :func:`build_model`. The rules of what
+combines (`models.rules`) import without torch; the networks load on first use, so a
+stage that only validates params never imports them.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import Any
 
-from models.alexnet import AlexNet, alexnet, paper_lrn
-from models.checkpoint import load_checkpoint
-from models.cifar_net import CifarNet, cifar_net
-from models.common import check_choice
-from models.torchvision_alexnet import torchvision_alexnet
+from models.rules import ARCHS, check_switches, crop_range
 
-__all__ = [
-    "ARCHS",
-    "AlexNet",
-    "CifarNet",
-    "alexnet",
-    "build_model",
-    "cifar_net",
-    "input_size",
-    "load_checkpoint",
-    "paper_lrn",
-    "torchvision_alexnet",
-]
+_LAZY = {
+    "AlexNet": "models.alexnet",
+    "alexnet": "models.alexnet",
+    "paper_lrn": "models.alexnet",
+    "build_model": "models.build",
+    "input_size": "models.build",
+    "load_checkpoint": "models.checkpoint",
+    "unwrap": "models.checkpoint",
+    "CifarNet": "models.cifar_net",
+    "cifar_net": "models.cifar_net",
+    "torchvision_alexnet": "models.torchvision_alexnet",
+}
 
-ARCHS = ("paper", "torchvision", "cifar")
-_INPUT_SIZES = {"paper": 227, "torchvision": 224, "cifar": 32}
+__all__ = ["ARCHS", "check_switches", "crop_range", *_LAZY]
 
 
-def input_size(arch: str) -> int:
-    """Native square input size of ``arch``: 227 paper, 224 torchvision, 32 cifar.
+def __getattr__(name: str) -> Any:
+    """Loads the networks' modules on first access (PEP 562).
 
-    Raises:
-        ValueError: If ``arch`` is not one of :data:`ARCHS`.
+    Binds every lazy name at once: importing `models.alexnet` makes the submodule an
+    attribute of the package, which the function of the same name must replace.
     """
-    check_choice("arch", arch, ARCHS)
-    return _INPUT_SIZES[arch]
-
-
-def build_model(
-    arch: str,
-    *,
-    num_classes: int,
-    activation: str = "relu",
-    pooling: str = "overlap",
-    lrn: bool | None = None,
-    groups: int | None = None,
-    dropout: float | None = None,
-    width: float = 1.0,
-    init: str = "paper",
-) -> nn.Module:
-    """Builds one of :data:`ARCHS` from config switches.
-
-    ``None`` for ``lrn``, ``groups`` or ``dropout`` means the arch's own value:
-    paper lrn=True, groups=2, dropout=0.5; torchvision lrn=False, groups=1,
-    dropout=0.5; cifar lrn=False, groups=1, dropout=0.0. torchvision and cifar have
-    no LRN and no groups, so there ``lrn`` must be None/False and ``groups`` None/1;
-    torchvision's architecture is exact, so its ``pooling`` must be ``"overlap"``.
-
-    Args:
-        arch: ``"paper"``, ``"torchvision"`` or ``"cifar"``.
-        num_classes: Output classes, >= 2.
-        activation: ``"relu"`` or ``"tanh"``.
-        pooling: ``"overlap"`` (3/2) or ``"nonoverlap"`` (2/2); paper and cifar only.
-        lrn: Local response normalisation after conv1 and conv2; paper only.
-        groups: 2 for the paper's two-tower split, 1 for one tower; paper only.
-        dropout: Drop probability in [0, 1).
-        width: Multiplier > 0 for conv and hidden fc widths.
-        init: ``"paper"`` (N(0, 0.01), the paper's biases) or ``"kaiming"``; paper only,
-            the other archs keep PyTorch's default initialisation.
-
-    Returns:
-        The network (paper init for ``paper``, PyTorch default init otherwise).
-
-    Raises:
-        ValueError: Naming the bad key, its value and what is allowed.
-    """
-    check_choice("arch", arch, ARCHS)
-    if arch == "paper":
-        return alexnet(
-            num_classes=num_classes,
-            activation=activation,
-            pooling=pooling,
-            lrn=True if lrn is None else lrn,
-            groups=2 if groups is None else groups,
-            dropout=0.5 if dropout is None else dropout,
-            width=width,
-            init=init,
-        )
-    context = f" for model.arch={arch!r}"
-    check_choice("init", init, ("paper",), context)
-    check_choice("lrn", lrn, (None, False), context)
-    check_choice("groups", groups, (None, 1), context)
-    if arch == "torchvision":
-        check_choice("pooling", pooling, ("overlap",), context)
-        return torchvision_alexnet(
-            num_classes=num_classes,
-            activation=activation,
-            dropout=0.5 if dropout is None else dropout,
-            width=width,
-        )
-    return cifar_net(
-        num_classes=num_classes,
-        activation=activation,
-        pooling=pooling,
-        dropout=0.0 if dropout is None else dropout,
-        width=width,
-    )
+    if name not in _LAZY:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    for lazy, module in _LAZY.items():
+        globals()[lazy] = getattr(importlib.import_module(module), lazy)
+    return globals()[name]

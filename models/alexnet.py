@@ -11,7 +11,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from models.common import POOLINGS, check_choice, check_common, make_activation, make_pool, scale
+from models.common import check_common, make_activation, make_pool, scale
+from models.rules import POOLINGS, check_choice
 
 # Layers whose bias the paper initialises to 1 (the rest get 0).
 ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")

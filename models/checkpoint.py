@@ -7,9 +7,19 @@ import os
 import torch
 from torch import nn
 
-# Key prefixes added by wrappers around the model: DDP (as Ray Train's prepare_model
-# applies with several workers) and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Attributes under which wrappers hold the model, outermost first: torch.compile's
+# OptimizedModule, then DDP (as Ray Train's prepare_model applies with several workers).
+# A wrapped model's state_dict keys carry them as prefixes.
+_WRAPPER_ATTRS = ("_orig_mod", "module")
+_WRAPPER_PREFIXES = tuple(f"{attr}." for attr in _WRAPPER_ATTRS)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside torch.compile and DDP wrappers, in any nesting (``model`` itself
+    if unwrapped)."""
+    while attr := next((a for a in _WRAPPER_ATTRS if isinstance(getattr(model, a, None), nn.Module)), None):
+        model = getattr(model, attr)
+    return model
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -30,8 +40,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         RuntimeError: If keys or shapes do not match (strict loading).
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key.removeprefix(prefix): value for key, value in state.items()}
+    while prefix := _common_prefix(state):
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _common_prefix(state: dict[str, torch.Tensor]) -> str | None:
+    """The wrapper prefix every key of `state` starts with, if any."""
+    return next((p for p in _WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None)

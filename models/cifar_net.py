@@ -12,15 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.common import (
-    POOLINGS,
-    check_choice,
-    check_common,
-    make_activation,
-    make_pool,
-    pooled_size,
-    scale,
-)
+from models.common import check_common, make_activation, make_pool, pooled_size, scale
+from models.rules import POOLINGS, check_choice
 
 INPUT_SIZE = 32
 

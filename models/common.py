@@ -3,41 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NoReturn
 
 from torch import nn
 
-ACTIVATIONS = ("relu", "tanh")
-POOLINGS = ("overlap", "nonoverlap")
-
-
-def reject(key: str, value: object, expected: str) -> NoReturn:
-    """Raises the package's config error.
-
-    Args:
-        key: Config key under ``model.``, e.g. ``"pooling"``.
-        value: The offending value.
-        expected: What is allowed, e.g. ``"one of 'overlap', 'nonoverlap'"``.
-
-    Raises:
-        ValueError: Always, as ``model.<key>=<value!r>: expected <expected>``.
-    """
-    raise ValueError(f"model.{key}={value!r}: expected {expected}")
-
-
-def check_choice(key: str, value: object, allowed: Sequence[object], context: str = "") -> None:
-    """Raises ValueError unless ``value`` is one of ``allowed`` (same type too).
-
-    Args:
-        key: Config key under ``model.``.
-        value: Value to check.
-        allowed: Permitted values.
-        context: Appended to the message, e.g. ``" for model.arch='cifar'"``.
-    """
-    # Compare types as well: True == 1, so groups=True must not pass for groups=1.
-    if not any(type(value) is type(a) and value == a for a in allowed):
-        reject(key, value, "one of " + ", ".join(map(repr, allowed)) + context)
+from models.rules import ACTIVATIONS, check_choice, reject
 
 
 def check_common(*, num_classes: int, activation: str, dropout: float, width: float) -> None:

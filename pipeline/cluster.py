@@ -23,3 +23,11 @@ def init_ray() -> None:
             ray.init(address="local", include_dashboard=False)
     # Per-operator bars flood DVC's log; the stages print their own progress.
     DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_cpus() -> int:
+    """The Ray cluster's CPUs (at least 1), joining or starting Ray first (`init_ray`)."""
+    import ray
+
+    init_ray()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

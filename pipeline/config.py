@@ -1,8 +1,9 @@
-"""params.yaml as frozen, typed dataclasses: one per section, validated on load.
+"""params.yaml as one frozen, typed `Params` object: a dataclass per section, validated on load.
 
-Every stage reads its section through `load_section`, so a typo, a wrong type or an
-out-of-range value fails before any work starts, with an error that names the key,
-the bad value and what is allowed.
+Every stage calls `load_params` first, so a typo, a wrong type, an out-of-range value or
+a combination that cannot run fails before any work starts, with an error that names the
+key, the bad value and what is allowed. The sections travel as they are (to Ray workers
+too): `train.lr` goes from params.yaml to the optimizer through typed objects only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from models.rules import check_switches, crop_range
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -94,20 +97,12 @@ class ModelParams:
     init: Literal["paper", "kaiming"] = "paper"
 
     def __post_init__(self) -> None:
-        # torchvision's variant and the CIFAR net have no LRN and no two-tower groups.
-        if self.arch != "paper":
-            if self.init != "paper":
-                raise ParamsError(
-                    f"model.init={self.init!r}: expected 'paper' (the default) for model.arch={self.arch!r}"
-                )
-            if self.lrn:
-                raise ParamsError(f"model.lrn=True: expected false for model.arch={self.arch!r}")
-            if self.groups != 1:
-                raise ParamsError(f"model.groups={self.groups}: expected 1 for model.arch={self.arch!r}")
-        if self.arch == "torchvision" and self.pooling != "overlap":
-            raise ParamsError(
-                f"model.pooling={self.pooling!r}: expected 'overlap' for model.arch='torchvision'"
-            )
+        # The architecture's own rules (models/) are the one home of what combines.
+
+        try:
+            check_switches(**dataclasses.asdict(self))
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -140,6 +135,11 @@ class TrainParams:
     def __post_init__(self) -> None:
         if self.gpu_augment and not self.use_gpu:
             raise ParamsError("train.gpu_augment=True: expected false unless train.use_gpu is true")
+        if self.batch_size % self.num_workers:
+            raise ParamsError(
+                f"train.batch_size={self.batch_size}: expected a multiple of train.num_workers="
+                f"{self.num_workers} (the global batch is split evenly over the workers)"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,41 @@ class MlflowParams:
     system_metrics: bool = True
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataParams,
-    "sample": SampleParams,
-    "shard": ShardParams,
-    "stats": StatsParams,
-    "model": ModelParams,
-    "train": TrainParams,
-    "evaluate": EvaluateParams,
-    "mlflow": MlflowParams,
-}
+@dataclass(frozen=True)
+class Params:
+    """Every section of a params file, validated alone and together."""
+
+    data: DataParams
+    sample: SampleParams
+    shard: ShardParams
+    stats: StatsParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+    def __post_init__(self) -> None:
+        crop, (lo, hi) = self.train.crop, crop_range(self.model.arch, self.model.pooling)
+        if not lo <= crop <= hi:
+            allowed = f"{lo}" if lo == hi else f">= {lo}"
+            raise ParamsError(
+                f"train.crop={crop}: expected {allowed} for model.arch={self.model.arch!r} with "
+                f"model.pooling={self.model.pooling!r} (the smallest input its convolutions and "
+                "poolings take)"
+            )
+        if crop > self.shard.size:
+            raise ParamsError(f"train.crop={crop}: expected <= shard.size={self.shard.size}")
+
+    def flat(self) -> dict[str, Any]:
+        """{"train.lr": 0.01, ...}: every param under its dotted key, for experiment tracking."""
+        return {
+            f"{f.name}.{k}": v
+            for f in dataclasses.fields(self)
+            for k, v in dataclasses.asdict(getattr(self, f.name)).items()
+        }
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name -> its dataclass, in order
 
 T = TypeVar("T")
 
@@ -241,17 +266,18 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     return cls(**values)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Reads and validates every section of a params file.
 
     Args:
         path: The YAML file.
 
     Returns:
-        Section name -> frozen dataclass, for every known section.
+        The frozen, validated params; a missing section takes its defaults.
 
     Raises:
-        ParamsError: On a missing file, an unknown section or any bad value.
+        ParamsError: On a missing file, an unknown section, any bad value, or a
+            combination of values that cannot run.
     """
     path = Path(path)
     if not path.is_file():
@@ -262,14 +288,4 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
-    return {name: parse_section(name, raw.get(name), cls) for name, cls in SECTIONS.items()}
-
-
-def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:
-    """Validates the whole params file, then returns one section (for a stage's main())."""
-    return load_params(path)[name]
-
-
-def as_flat_dict(params: dict[str, Any]) -> dict[str, Any]:
-    """Section dataclasses -> {"train.lr": 0.01, ...}, for experiment tracking."""
-    return {f"{name}.{k}": v for name, sec in params.items() for k, v in dataclasses.asdict(sec).items()}
+    return Params(**{name: parse_section(name, raw.get(name), cls) for name, cls in SECTIONS.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +20,66 @@ import torch
 
 from pipeline import tracking
 from pipeline.cluster import init_ray
+from pipeline.config import Params
 from pipeline.data.preprocess import decode_jpeg
-from pipeline.data.shards import read_meta, read_shards
-from pipeline.storage import atomic_write_bytes, atomic_write_text
-from pipeline.tracking import register_model
-from pipeline.train.model_card import load_model
-from pipeline.transforms import ColorStats, eval_batch
+from pipeline.data.shards import ShardMeta, read_shards
+from pipeline.plots import plot_confusion, plot_curves
+from pipeline.scoring import hits, top_classes
+from pipeline.storage import atomic_write_text
+from pipeline.train.model_card import ModelCard, load_model
+from pipeline.transforms import eval_batch
+
+MODES = ("center", "10crop")  # the centre crop; the paper's ten crops, softmax averaged
 
 
 class Predictor:
-    """Ray Data callable class: JPEG bytes -> top-5 class indices for centre and 10-crop."""
+    """Ray Data callable class: JPEG bytes -> top-5 class indices per crop mode."""
 
     def __init__(self, model_dir: str, ten_crop: bool, threads: int = 2) -> None:
         torch.set_num_threads(threads)
-        self.model, card = load_model(model_dir)
-        self.stats = ColorStats(**card["stats"])
-        self.crop = card["crop"]
+        self.model, self.card = load_model(model_dir)
         self.ten_crop = ten_crop
-        self.k = min(5, card["num_classes"])
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [decode_jpeg(b) for b in batch["jpeg"]]
+        stats, crop = self.card.stats, self.card.crop
         out = {"label": batch["label"], "key": batch["key"]}
-        centre = self.model(eval_batch(images, self.stats, self.crop, ten_crop=False))  # (B, C)
-        out["top_center"] = centre.topk(self.k, dim=1).indices.numpy()
+        centre = self.model(eval_batch(images, stats, crop, ten_crop=False))  # (B, C)
+        out["top_center"] = top_classes(centre).numpy()
         if self.ten_crop:
-            x = eval_batch(images, self.stats, self.crop, ten_crop=True)  # (B, 10, 3, c, c)
-            probs = self.model(x.flatten(0, 1)).softmax(dim=1)  # (B*10, C)
-            avg = probs.view(x.shape[0], 10, -1).mean(dim=1)  # softmax averaged over crops
-            out["top_ten"] = avg.topk(self.k, dim=1).indices.numpy()
+            x = eval_batch(images, stats, crop, ten_crop=True)  # (B, 10, 3, c, c)
+            out["top_10crop"] = top_classes(average_crops(self.model(x.flatten(0, 1)), 10)).numpy()
         return out
 
 
-def _errors(top: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image top-1 and top-5 misses (bool arrays) from (N, k) indices."""
-    hits = top == labels[:, None]
-    return ~hits[:, 0], ~hits.any(axis=1)
+def average_crops(logits: torch.Tensor, crops: int) -> torch.Tensor:
+    """The paper's test-time averaging: (B * crops, C) logits, crops of one image adjacent,
+    -> (B, C) softmax probabilities averaged over each image's crops."""
+    probs = logits.softmax(dim=1)
+    return probs.view(-1, crops, probs.shape[1]).mean(dim=1)
 
 
-def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int) -> dict[str, Any]:
-    """Runs the Predictor over a Ray Dataset of val shards (decode=False) and counts.
+@dataclass(frozen=True)
+class Scores:
+    """What evaluation counted over the val set.
 
-    Returns:
-        {"metrics": {...}, "confusion": (C, C) int64 rows=true, "per_class": (C, 4) misses}.
+    Attributes:
+        metrics: num_images, top1_error, top5_error (centre crop) and, with 10-crop,
+            top1_error_10crop, top5_error_10crop.
+        confusion: (C, C) int64, rows the true class, columns the headline mode's top-1.
+        per_class: (C, 1 + 2 * modes) int64: images, then top-1 and top-5 misses per mode.
+        modes: The crop modes counted, in column order.
     """
+
+    metrics: dict[str, Any]
+    confusion: np.ndarray
+    per_class: np.ndarray
+    modes: list[str]
+
+
+def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int) -> Scores:
+    """Runs the Predictor over a Ray Dataset of val shards (decode=False) and counts."""
     preds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "ten_crop": ten_crop},
@@ -71,16 +87,16 @@ def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int)
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
     )
-    modes = ["center", "ten"] if ten_crop else ["center"]
+    modes = list(MODES if ten_crop else MODES[:1])
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     per_class = np.zeros((num_classes, 1 + 2 * len(modes)), dtype=np.int64)  # n, misses per mode
     for batch in preds.iter_batches(batch_size=None, batch_format="numpy"):
         labels = batch["label"].astype(np.int64)
         np.add.at(per_class[:, 0], labels, 1)
         for i, mode in enumerate(modes):
-            miss1, miss5 = _errors(batch[f"top_{mode}"], labels)
-            np.add.at(per_class[:, 1 + 2 * i], labels, miss1)
-            np.add.at(per_class[:, 2 + 2 * i], labels, miss5)
+            hit1, hit5 = hits(batch[f"top_{mode}"], labels)
+            np.add.at(per_class[:, 1 + 2 * i], labels, ~hit1)
+            np.add.at(per_class[:, 2 + 2 * i], labels, ~hit5)
         headline = batch[f"top_{modes[-1]}"][:, 0]
         np.add.at(confusion, (labels, headline), 1)
     n = int(per_class[:, 0].sum())
@@ -88,10 +104,10 @@ def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int)
         raise ValueError("no validation images in the val shards")
     metrics: dict[str, Any] = {"num_images": n}
     for i, mode in enumerate(modes):
-        suffix = "" if mode == "center" else "_10crop"
+        suffix = "" if mode == "center" else f"_{mode}"
         metrics[f"top1_error{suffix}"] = float(per_class[:, 1 + 2 * i].sum() / n)
         metrics[f"top5_error{suffix}"] = float(per_class[:, 2 + 2 * i].sum() / n)
-    return {"metrics": metrics, "confusion": confusion, "per_class": per_class, "modes": modes}
+    return Scores(metrics, confusion, per_class, modes)
 
 
 def write_per_class(
@@ -108,60 +124,10 @@ def write_per_class(
     atomic_write_text(path, buf.getvalue())
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (stages run headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
-    """Row-normalised confusion matrix image (rows: true class, columns: predicted)."""
-    plt = _pyplot()
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.4 * len(classes), 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if len(classes) <= 50:
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("val confusion (row-normalised)")
-    atomic_write_bytes(path, _png(fig))
-    plt.close(fig)
-
-
-def plot_curves(path: Path, history_csv: Path) -> None:
-    """Training curves: loss, and train/val top-1/top-5 error per epoch."""
-    plt = _pyplot()
-    with history_csv.open() as f:
-        rows = list(csv.DictReader(f))
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train_loss", "val_loss"):
-        a.plot(epochs, [float(r[key]) for r in rows], label=key)
-    for key in ("train_top1_error", "val_top1_error", "train_top5_error", "val_top5_error"):
-        b.plot(epochs, [float(r[key]) for r in rows], label=key)
-    a.set_xlabel("epoch"), b.set_xlabel("epoch"), a.legend(), b.legend()
-    b.set_ylim(0, 1)
-    atomic_write_bytes(path, _png(fig))
-    plt.close(fig)
-
-
 def log_to_mlflow(
     run_id: str,
     model: torch.nn.Module,
-    card: dict[str, Any],
+    card: ModelCard,
     metrics: dict[str, Any],
     files: list[Path],
     registered_model: str,
@@ -178,7 +144,7 @@ def log_to_mlflow(
         mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items()})
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluation")
-        example = torch.zeros(2, 3, card["crop"], card["crop"])  # (B, 3, crop, crop) float32
+        example = torch.zeros(2, 3, card.crop, card.crop)  # (B, 3, crop, crop) float32
         with torch.no_grad():
             signature = infer_signature(example.numpy(), model(example).numpy())
         mlflow.pytorch.log_model(
@@ -190,41 +156,33 @@ def log_to_mlflow(
             registered_model_name=registered_model,
         )
     headline = metrics.get("top1_error_10crop", metrics["top1_error"])
-    return register_model(run_id, registered_model, headline)
+    return tracking.register_model(run_id, registered_model, headline)
 
 
-def evaluate(params: dict[str, Any]) -> dict[str, Any]:
+def evaluate(params: Params) -> dict[str, Any]:
     """Runs the evaluate stage: scores, reports, plots, MLflow.
 
     Args:
-        params: Every validated params section (pipeline.config.load_params).
+        params: The validated params (pipeline.config.load_params).
 
     Returns:
         The metrics written to the eval metrics JSON.
     """
-    import mlflow
-
-    data, ev = params["data"], params["evaluate"]
+    data, ev = params.data, params.evaluate
     model, card = load_model(data.model)
-    uri = tracking.tracking_uri()
-    tracking.check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    meta = read_meta(data.shards)
+    tracking.connect()
+    meta = ShardMeta.read(data.shards)
 
     init_ray()
     ds = read_shards(data.shards, "val", fmt=data.format, decode=False)
-    result = score(ds, data.model, ev.ten_crop, ev.batch_size, card["num_classes"])
+    result = score(ds, data.model, ev.ten_crop, ev.batch_size, card.num_classes)
     plots = Path(data.plots)
     files = [plots / "per_class_error.csv", plots / "confusion.png", plots / "curves.png"]
-    write_per_class(
-        files[0], result["per_class"], result["modes"], card["classes"], meta.get("names", card["classes"])
-    )
-    plot_confusion(files[1], result["confusion"], card["classes"])
+    write_per_class(files[0], result.per_class, result.modes, card.classes, meta.names)
+    plot_confusion(files[1], result.confusion, card.classes)
     plot_curves(files[2], plots / "train_history.csv")
-    metrics = result["metrics"]
-    registry = log_to_mlflow(
-        card["mlflow_run_id"], model, card, metrics, files, params["mlflow"].registered_model
-    )
+    metrics = result.metrics
+    registry = log_to_mlflow(card.mlflow_run_id, model, card, metrics, files, params.mlflow.registered_model)
     out = {**metrics, "model_version": registry["version"], "champion": registry["champion"]}
     atomic_write_text(Path(data.eval_metrics), json.dumps(out, indent=1))
     return out

@@ -1,9 +1,73 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a part."""
+"""Where the pipeline's files live: local paths and URIs, reads, atomic writes, publishing.
+
+Every params path (`data.*`) may be a local path or a URI that `pyarrow.fs` understands
+(file://, s3://, gs://). Reads go through `resolve`/`read_bytes`, so a stage reads the
+same way from a laptop's disk and from a cluster's object store. Writes are atomic: a
+reader sees the old file or the whole new one (`atomic_write_bytes`), the old folder or
+the whole new one (`publish_dir`), never a part.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Maps a local path or URI to a pyarrow filesystem and a path inside it.
+
+    Filesystems are cached per scheme and bucket, so resolving many files of one root
+    builds one client.
+
+    Args:
+        uri: A local path (made absolute) or a URI such as file:///x, s3://bucket/x.
+
+    Returns:
+        (filesystem, path inside it).
+    """
+    if "://" not in uri:
+        return _filesystem("file://"), os.path.abspath(uri)
+    scheme, rest = uri.split("://", 1)
+    if scheme == "file":
+        return _filesystem("file://"), rest
+    # pyarrow's object-store paths are "bucket/key", i.e. the URI without its scheme.
+    return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), rest
+
+
+@functools.cache
+def _filesystem(root_uri: str) -> pafs.FileSystem:
+    """Builds (once) the filesystem serving a scheme + bucket."""
+    if root_uri == "file://":
+        return pafs.LocalFileSystem()
+    return pafs.FileSystem.from_uri(root_uri)[0]
+
+
+def read_bytes(uri: str) -> bytes:
+    """Reads a whole file given as a local path or URI."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def join(root: str, *parts: str) -> str:
+    """Joins path parts (empty ones skipped) onto a root that may be a URI."""
+    return "/".join([root.rstrip("/"), *(p for p in parts if p)])
+
+
+def is_file(uri: str) -> bool:
+    """Whether `uri` (local path or URI) is an existing regular file."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def absolute(path: str) -> str:
+    """A params path in the form other processes can use: URIs as they are, local paths
+    absolute (Ray workers and RunConfig.storage_path may run in another folder)."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -21,3 +85,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Text form of `atomic_write_bytes` (UTF-8)."""
     atomic_write_bytes(path, text.encode())
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Replaces `out` by the complete `staging` folder (two renames, then cleanup)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

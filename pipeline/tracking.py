@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,31 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the local SQLite store (absolute, so Ray workers
     started in other folders write to the same file)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One MLflow run on one tracking server: what a Ray worker needs to log into it."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def connect() -> str:
+    """Points this process's MLflow at the tracking URI, after checking that it answers.
+
+    Returns:
+        The tracking URI.
+
+    Raises:
+        RuntimeError: An HTTP tracking server that does not answer (before any work).
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -90,11 +116,11 @@ class EpochLogger:
     reproduces them exactly) and checkpointed epochs it lacks are backfilled.
     """
 
-    def __init__(self, info: dict[str, str]) -> None:
+    def __init__(self, run: RunRef) -> None:
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=info["tracking_uri"])
-        self.run_id = info["run_id"]
+        self.client = MlflowClient(tracking_uri=run.tracking_uri)
+        self.run_id = run.run_id
         self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1_error")}
 
     def log_epoch(self, metrics: dict[str, float]) -> None:

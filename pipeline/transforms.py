@@ -14,61 +14,27 @@ the GIL, so threads use every core without copying images between processes.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pipeline.data.preprocess import decode_jpeg
+from pipeline.data.stats import ColorStats
 
 _SERIAL_VALUES = 32768  # torch's at::internal::GRAIN_SIZE: smaller ops run on the calling thread
-
-
-@dataclass(frozen=True)
-class ColorStats:
-    """Training-set colour statistics, pixels in [0, 1] (the stats stage's JSON)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    eigval: tuple[float, float, float]  # descending
-    eigvec: tuple[tuple[float, ...], ...]  # eigvec[i][j]: component i of eigenvector j
-
-    @classmethod
-    def load(cls, path: str | Path) -> ColorStats:
-        """Reads the stats stage's JSON file.
-
-        Raises:
-            ValueError: When a key is missing or has the wrong shape.
-        """
-        raw = json.loads(Path(path).read_text())
-        try:
-            stats = cls(
-                mean=tuple(float(v) for v in raw["mean"]),
-                std=tuple(float(v) for v in raw["std"]),
-                eigval=tuple(float(v) for v in raw["eigval"]),
-                eigvec=tuple(tuple(float(v) for v in row) for row in raw["eigvec"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: expected keys mean, std, eigval, eigvec ({e})") from e
-        if len(stats.mean) != 3 or len(stats.std) != 3 or len(stats.eigval) != 3 or len(stats.eigvec) != 3:
-            raise ValueError(f"{path}: mean, std, eigval must have 3 values and eigvec 3x3")
-        return stats
 
 
 def _empty_float32(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised float32 tensor in memory backed by transparent huge pages.
 
-    A training batch (128 x 224 x 224 x 3 float32: 77 MB) is above glibc's 32 MB mmap
-    ceiling, so every batch is fresh memory, and writing it took ~19,000 4 KiB page
-    faults: 0.15 ms per image, a third of the augmentation's time on 2 cores. With
-    huge pages that is ~40 faults (benchmarks/input_pipeline.py: floor 2,583 -> 3,289
-    images/s, ours 2,021 -> 2,703). Where madvise(MADV_HUGEPAGE) is unavailable this is
-    torch.empty.
+    A training batch (128 x 224 x 224 x 3 float32: 77 MB) is above glibc's mmap
+    threshold, so every batch is fresh memory whose first writes fault in one 4 KiB page
+    at a time; 2 MiB pages make that a few dozen faults (README, benchmark section).
+    Where madvise(MADV_HUGEPAGE) is unavailable this is torch.empty.
     """
     nbytes = 4 * math.prod(shape)
     if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes == 0:
@@ -79,14 +45,33 @@ def _empty_float32(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.float32).view(shape)  # keeps buf alive
 
 
-def _normalize(crops: torch.Tensor, stats: ColorStats, shift: torch.Tensor | None) -> torch.Tensor:
-    """(B, 3, h, w) uint8 -> (B, 3, h, w) float32, lighting-shifted and normalised."""
-    x = crops.float().div_(255.0)  # [0, 1]
-    mean = torch.tensor(stats.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(stats.std, device=x.device).view(1, 3, 1, 1)
-    if shift is not None:
-        x.add_(shift.to(x.device).view(-1, 3, 1, 1))
-    return x.sub_(mean).div_(std)
+def _affine(stats: ColorStats, shift: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation as one multiply-add per value: the only place it is defined.
+
+    (x / 255 + shift - mean) / std == x * scale + offset, x in uint8 units.
+
+    Args:
+        stats: Normalisation statistics.
+        shift: (B, 3) float32 lighting offsets in [0, 1] units (zeros: none).
+
+    Returns:
+        scale (3,) and offset (B, 3), float32.
+    """
+    mean = torch.tensor(stats.mean, dtype=torch.float32)
+    std = torch.tensor(stats.std, dtype=torch.float32)
+    return 1.0 / (255.0 * std), (torch.from_numpy(shift) - mean) / std
+
+
+def _normalize(crops: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) uint8 -> (B, 3, h, w) float32 through `_affine`'s scale and offset."""
+    scale, offset = scale.to(crops.device).view(1, 3, 1, 1), offset.to(crops.device).view(-1, 3, 1, 1)
+    return torch.addcmul(offset, crops.float(), scale)
+
+
+def _check_fits(h: int, w: int, crop: int) -> None:
+    """Raises when a stored image is too small for the crop (shards of another size)."""
+    if h < crop or w < crop:
+        raise ValueError(f"stored image is {h}x{w}, smaller than the crop {crop} (train.crop)")
 
 
 def pca_shift(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: float) -> np.ndarray:
@@ -111,6 +96,30 @@ def _draws(rng: np.random.Generator, n: int, stats: ColorStats, pca_std: float):
     return ys, xs, flips, pca_shift(rng, n, stats, pca_std)
 
 
+class PendingBatch(Protocol):
+    """A batch an `Augmenter` is preparing."""
+
+    def result(self) -> torch.Tensor:
+        """Waits for the batch: (B, 3, crop, crop) float32, normalised."""
+        ...
+
+
+class Augmenter(Protocol):
+    """What the training loop needs from an augmentation: CPU threads or the GPU."""
+
+    def submit(self, jpegs: list[bytes], rng: np.random.Generator) -> PendingBatch:
+        """Starts one batch; all random draws happen here, in call order."""
+        ...
+
+    def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
+        """Decodes stored images for validation: (S, S, 3) uint8 each."""
+        ...
+
+    def close(self) -> None:
+        """Releases threads or buffers."""
+        ...
+
+
 class AugmentedBatch:
     """A batch being augmented on `TrainAugment`'s threads."""
 
@@ -122,6 +131,17 @@ class AugmentedBatch:
         """Waits for every image; re-raises the first image's error, if any."""
         for f in self._futures:
             f.result()
+        return self._out
+
+
+class QueuedBatch:
+    """A batch whose kernels are already queued on a CUDA stream: `result` returns it."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self._out = out
+
+    def result(self) -> torch.Tensor:
+        """The batch; using it on the same stream orders after its kernels."""
         return self._out
 
 
@@ -148,17 +168,15 @@ class TrainAugment:
         """Decodes, crops, flips and normalises one image into `out` ((crop, crop, 3) float32)."""
         img = decode_jpeg(jpeg, reuse_buffer=True)  # (S, S, 3) uint8, this thread's buffer
         h, w = img.shape[:2]
-        if h < self.crop or w < self.crop:
-            raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={self.crop}")
+        _check_fits(h, w, self.crop)
         y, x = y % (h - self.crop + 1), x % (w - self.crop + 1)
         patch = torch.from_numpy(img[y : y + self.crop, x : x + self.crop])  # (crop, crop, 3) uint8
         if flip:
             patch = patch.flip(1)  # W axis
-        # (x / 255 + shift - mean) / std == offset + x * scale, fused in one pass (torch
-        # releases the GIL; numpy's uint8 * float32 broadcast was 3x slower). In bands
-        # of rows below torch's parallel grain (32768 values), so each op stays on this
-        # thread: whole-image ops fanned out to torch's OpenMP threads, which the other
-        # augmentation threads then fought over (-19% images/s on 2 cores).
+        # `_affine`'s multiply-add, fused with the lighting shift in one pass (torch
+        # releases the GIL). In bands of rows below torch's parallel grain (32768
+        # values), so each op stays on this thread: whole-image ops fan out to torch's
+        # OpenMP threads, which the other augmentation threads would then fight over.
         for r in range(0, self.crop, self._band):
             torch.addcmul(offset, patch[r : r + self._band], scale, out=out[r : r + self._band])
 
@@ -172,8 +190,7 @@ class TrainAugment:
         Submitting the next batch before waiting for this one keeps every thread busy
         across batch boundaries (a batch's last images otherwise leave threads idle).
         Normalisation runs per image on the threads, fused with the lighting shift,
-        instead of five passes over the whole float batch after it (a third of the time
-        of a batch on 2 cores, benchmarks/input_pipeline.py).
+        instead of several passes over the whole float batch after it.
 
         Args:
             jpegs: Stored JPEG bytes, one per image.
@@ -185,10 +202,7 @@ class TrainAugment:
             (channels_last memory layout).
         """
         ys, xs, flips, shift = _draws(rng, len(jpegs), self.stats, self.pca_std)
-        mean = torch.tensor(self.stats.mean, dtype=torch.float32)
-        std = torch.tensor(self.stats.std, dtype=torch.float32)
-        scale = 1.0 / (255.0 * std)  # (3,)
-        offsets = (torch.from_numpy(shift) - mean) / std  # (B, 3) float32
+        scale, offsets = _affine(self.stats, shift)  # (3,), (B, 3) float32
         out = _empty_float32((len(jpegs), self.crop, self.crop, 3))  # (B, crop, crop, 3)
         futures = [
             self._pool.submit(self._crop_one, *args, scale, offset, dst)
@@ -205,8 +219,9 @@ class TrainAugment:
         self._pool.shutdown(wait=True)
 
 
-def ten_crop_boxes(size: int, crop: int) -> list[tuple[int, int]]:
-    """Top-left corners of the paper's five test patches: four corners, then the centre."""
+def five_crop_boxes(size: int, crop: int) -> list[tuple[int, int]]:
+    """Top-left corners of the paper's five test patches: four corners, then the centre
+    (with their reflections, the ten crops)."""
     c = (size - crop) // 2
     m = size - crop
     return [(0, 0), (0, m), (m, 0), (m, m), (c, c)]
@@ -227,14 +242,14 @@ def eval_batch(images: list[np.ndarray], stats: ColorStats, crop: int, ten_crop:
     """
     batch = torch.from_numpy(np.stack(images))  # (B, S, S, 3) uint8
     size = batch.shape[1]
-    if size < crop or batch.shape[2] < crop:
-        raise ValueError(f"stored images are {size}x{batch.shape[2]}, smaller than crop={crop}")
-    boxes = ten_crop_boxes(size, crop) if ten_crop else [ten_crop_boxes(size, crop)[4]]
+    _check_fits(size, batch.shape[2], crop)
+    boxes = five_crop_boxes(size, crop) if ten_crop else [five_crop_boxes(size, crop)[4]]
     batch = batch.permute(0, 3, 1, 2)  # (B, 3, S, S)
     patches = [batch[..., y : y + crop, x : x + crop] for y, x in boxes]
     if ten_crop:
         patches += [p.flip(-1) for p in patches]  # horizontal reflections (W axis)
-    out = torch.stack([_normalize(p, stats, None) for p in patches], dim=1)  # (B, K, 3, c, c)
+    scale, offset = _affine(stats, np.zeros((1, 3), dtype=np.float32))
+    out = torch.stack([_normalize(p, scale, offset) for p in patches], dim=1)  # (B, K, 3, c, c)
     return out if ten_crop else out[:, 0]
 
 
@@ -252,11 +267,13 @@ class GpuTrainAugment:
         self.pca_std = pca_std
         self.device = torch.device(device)
 
-    def submit(self, jpegs: list[bytes], rng: np.random.Generator) -> Future:
-        """Augments one batch (queued on the device's stream); `result()` returns it."""
-        done: Future = Future()
-        done.set_result(self(jpegs, rng))
-        return done
+    def submit(self, jpegs: list[bytes], rng: np.random.Generator) -> QueuedBatch:
+        """Queues one batch's decode and augmentation on the device's stream.
+
+        The GPU runs the kernels asynchronously, so there is nothing to hold in flight
+        on the host: the batch comes back already queued.
+        """
+        return QueuedBatch(self(jpegs, rng))
 
     def __call__(self, jpegs: list[bytes], rng: np.random.Generator) -> torch.Tensor:
         """Augments one batch: (B, 3, crop, crop) float32 on `device`."""
@@ -269,12 +286,11 @@ class GpuTrainAugment:
         crops = []
         for img, y, x, flip in zip(images, ys, xs, flips, strict=True):
             h, w = img.shape[1:]
-            if h < c or w < c:
-                raise ValueError(f"stored image is {h}x{w}, smaller than train.crop={c}")
+            _check_fits(h, w, c)
             y, x = int(y % (h - c + 1)), int(x % (w - c + 1))
             patch = img[:, y : y + c, x : x + c]
             crops.append(patch.flip(-1) if flip else patch)
-        return _normalize(torch.stack(crops), self.stats, torch.from_numpy(shift))
+        return _normalize(torch.stack(crops), *_affine(self.stats, shift))
 
     def decode(self, jpegs: list[bytes]) -> list[np.ndarray]:
         """Decodes for validation on the CPU: (S, S, 3) uint8 each."""

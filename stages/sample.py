@@ -10,9 +10,9 @@ from pipeline.data.sample import generate_sample
 def main() -> None:
     """Writes the sample tree to data.sample from the `sample` params."""
     params = load_params()
-    s = params["sample"]
+    s = params.sample
     summary = generate_sample(
-        Path(params["data"].sample),
+        Path(params.data.sample),
         num_classes=s.num_classes,
         train_per_class=s.train_per_class,
         val_per_class=s.val_per_class,

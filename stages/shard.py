@@ -4,29 +4,21 @@ import json
 
 from pipeline.cluster import init_ray
 from pipeline.config import load_params
-from pipeline.data.imagenet import ingest_cifar10, ingest_imagenet
-from pipeline.data.shards import warm_workers, write_shards
+from pipeline.data.cifar import ingest_cifar10
+from pipeline.data.imagenet import ingest_imagenet
+from pipeline.data.shard_writer import warm_workers, write_shards
 from pipeline.storage import atomic_write_text
 
 
 def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
     params = load_params()
-    data, s = params["data"], params["shard"]
+    data, s = params.data, params.shard
     init_ray()
     warm_workers()  # the workers import torch while the driver lists data.raw
     catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
     metrics = write_shards(
-        catalog.records,
-        data.shards,
-        classes=catalog.classes,
-        names=catalog.names,
-        size=s.size,
-        quality=s.quality,
-        fmt=s.format,
-        shard_size=s.shard_size,
-        seed=s.seed,
-        max_bad_fraction=s.max_bad_fraction,
+        catalog.records, data.shards, classes=catalog.classes, names=catalog.names, settings=s
     )
     atomic_write_text(data.shard_metrics, json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))

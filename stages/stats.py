@@ -1,21 +1,18 @@
 """DVC stage `stats`: training-set mean, std and RGB eigenpairs for PCA lighting."""
 
-import json
-
 from pipeline.cluster import init_ray
 from pipeline.config import load_params
 from pipeline.data.stats import compute_stats
-from pipeline.storage import atomic_write_text
 
 
 def main() -> None:
     """Computes the statistics over data.shards' train split into data.stats."""
     params = load_params()
-    data = params["data"]
+    data = params.data
     init_ray()
-    stats = compute_stats(data.shards, fmt=data.format, max_shards=params["stats"].max_shards)
-    atomic_write_text(data.stats, json.dumps(stats, indent=1))
-    print(json.dumps(stats, indent=1))
+    stats = compute_stats(data.shards, fmt=data.format, max_shards=params.stats.max_shards)
+    stats.write(data.stats)
+    print(stats.to_json())
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data.stats import ColorStats
 from pipeline.transforms import (
-    ColorStats,
     GpuTrainAugment,
     TrainAugment,
     eval_batch,
+    five_crop_boxes,
     pca_shift,
-    ten_crop_boxes,
 )
 
 IDENTITY = ColorStats(
@@ -125,27 +125,49 @@ def test_normalisation_uses_stats() -> None:
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [1.0, 3.0, 1.0], rtol=1e-6)
 
 
+REAL = ColorStats(  # ImageNet's published statistics: no channel is the identity
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    eigval=IDENTITY.eigval,
+    eigvec=IDENTITY.eigvec,
+)
+
+
+def test_training_normalisation_is_the_formula_and_evaluations(images: list[np.ndarray]) -> None:
+    # Crop = image size and no lighting: the training batch is the whole image, maybe
+    # mirrored, normalised by the fused per-image path; evaluation normalises in one pass.
+    jpegs = [png_bytes(i) for i in images]
+    train = TrainAugment(REAL, crop=40, pca_std=0.0)(jpegs, np.random.default_rng(3))
+    evals = eval_batch(images, REAL, crop=40, ten_crop=False)
+    mean, std = np.array(REAL.mean)[:, None, None], np.array(REAL.std)[:, None, None]
+    for img, x, e in zip(images, train, evals, strict=True):
+        expected = (img.transpose(2, 0, 1) / 255.0 - mean) / std  # (3, 40, 40) float64
+        np.testing.assert_allclose(e.numpy(), expected, atol=1e-5)
+        mirrored = not np.allclose(x.numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(x.numpy(), expected[..., ::-1] if mirrored else expected, atol=1e-5)
+
+
 def test_ten_crop_is_corners_centre_and_reflections(images: list[np.ndarray]) -> None:
     x = eval_batch(images[:2], IDENTITY, crop=32, ten_crop=True)
     assert x.shape == (2, 10, 3, 32, 32)
-    for k, (y, xx) in enumerate(ten_crop_boxes(40, 32)):
+    for k, (y, xx) in enumerate(five_crop_boxes(40, 32)):
         np.testing.assert_array_equal(to_uint8(x[0, k]), images[0][y : y + 32, xx : xx + 32])
         np.testing.assert_array_equal(to_uint8(x[0, 5 + k]), images[0][y : y + 32, xx : xx + 32][:, ::-1])
-    assert ten_crop_boxes(40, 32) == [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]
+    assert five_crop_boxes(40, 32) == [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]
     centre = eval_batch(images[:2], IDENTITY, crop=32, ten_crop=False)
     assert torch.equal(centre, x[:, 4])
 
 
 def test_crop_larger_than_image_is_a_clear_error(images: list[np.ndarray]) -> None:
-    with pytest.raises(ValueError, match="smaller than train.crop=64"):
+    with pytest.raises(ValueError, match="smaller than the crop 64"):
         TrainAugment(IDENTITY, crop=64, pca_std=0.1)([png_bytes(images[0])], np.random.default_rng(0))
 
 
 def test_stats_file_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "stats.json"
     path.write_text(json.dumps({"mean": [0.5, 0.5, 0.5]}))
-    with pytest.raises(ValueError, match="stats.json: expected keys mean, std, eigval, eigvec"):
-        ColorStats.load(path)
+    with pytest.raises(ValueError, match="stats.json: expected the stats stage's JSON with mean, std"):
+        ColorStats.read(str(path))
 
 
 def test_gpu_path_matches_cpu_path_on_the_same_draws(images: list[np.ndarray]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ def write_params(tmp_path: Path, **sections: dict) -> Path:
 
 def test_repo_params_load_into_frozen_dataclasses() -> None:
     params = load_params(ROOT / "params.yaml")
-    assert set(params) == set(SECTIONS)
-    assert params["train"].momentum == 0.9
+    assert [f.name for f in dataclasses.fields(params)] == list(SECTIONS)
+    assert params.train.momentum == 0.9
     with pytest.raises(AttributeError):
-        params["train"].lr = 1.0  # frozen
+        params.train.lr = 1.0  # frozen
+    assert params.flat()["train.lr"] == params.train.lr
 
 
 def test_defaults_are_the_papers_recipe() -> None:
@@ -101,9 +103,23 @@ def test_invalid_model_combinations(tmp_path: Path, model: dict, message: str) -
         load_params(write_params(tmp_path, model=model))
 
 
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"train": {"crop": 56}}, r"train\.crop=56: expected >= 67 for model\.arch='paper' with model\.pool"),
+        ({"train": {"crop": 38}, "model": {"pooling": "nonoverlap"}}, r"train\.crop=38: expected >= 39"),
+        ({"train": {"crop": 112}, "shard": {"size": 100}}, r"train\.crop=112: expected <= shard\.size=100"),
+        ({"train": {"batch_size": 63, "num_workers": 2}}, r"train\.batch_size=63: expected a multiple of"),
+    ],
+)
+def test_combinations_that_cannot_run_fail_at_load(tmp_path: Path, sections: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path, **sections))
+
+
 def test_imagenet_profile_is_the_papers_recipe() -> None:
     params = load_params(ROOT / "params-imagenet.yaml")
-    train, model, shard = params["train"], params["model"], params["shard"]
+    train, model, shard = params.train, params.model, params.shard
     assert (model.width, model.init, model.lrn, model.groups, model.dropout) == (1.0, "paper", True, 2, 0.5)
     assert (train.crop, train.batch_size, train.lr, train.epochs, train.schedule) == (
         227,

@@ -16,13 +16,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline.data.imagenet import (
-    CIFAR_DIR,
-    DEVKIT_GROUND_TRUTH,
-    DEVKIT_META,
-    ingest_cifar10,
-    ingest_imagenet,
-)
+from pipeline.data.cifar import CIFAR_DIR, ingest_cifar10
+from pipeline.data.imagenet import DEVKIT_GROUND_TRUTH, DEVKIT_META, ingest_imagenet
 
 TRAIN = {"n02000002": 3, "n01000001": 2, "n03000003": 2}  # wnid -> images, deliberately unsorted
 # Official val order with labels; ILSVRC2012_ID of a class = its rank in VAL_IDS.

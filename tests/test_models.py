@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models import ARCHS, AlexNet, alexnet, build_model, cifar_net, input_size, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Small but complete configs for the execution tests: (arch, build kwargs, input px).
 SMALL = {
@@ -309,11 +313,11 @@ def test_arch_defaults() -> None:
         ("cifar", dict(width=-1.0), "model.width=-1.0: expected a finite float > 0"),
         ("paper", dict(width=math.inf), "model.width=inf: expected a finite float > 0"),
         ("vgg", dict(), "model.arch='vgg': expected one of 'paper', 'torchvision', 'cifar'"),
-        ("torchvision", dict(lrn=True), "model.lrn=True: expected one of None, False for model.arch='torchvision'"),  # noqa: E501
-        ("torchvision", dict(groups=2), "model.groups=2: expected one of None, 1 for model.arch='torchvision'"),  # noqa: E501
-        ("torchvision", dict(pooling="nonoverlap"), "model.pooling='nonoverlap': expected one of 'overlap' for model.arch='torchvision'"),  # noqa: E501
-        ("cifar", dict(lrn=True), "model.lrn=True: expected one of None, False for model.arch='cifar'"),
-        ("cifar", dict(groups=2), "model.groups=2: expected one of None, 1 for model.arch='cifar'"),
+        ("torchvision", dict(lrn=True), "model.lrn=True: expected false for model.arch='torchvision'"),  # noqa: E501
+        ("torchvision", dict(groups=2), "model.groups=2: expected 1 for model.arch='torchvision'"),  # noqa: E501
+        ("torchvision", dict(pooling="nonoverlap"), "model.pooling='nonoverlap': expected 'overlap' for model.arch='torchvision'"),  # noqa: E501
+        ("cifar", dict(lrn=True), "model.lrn=True: expected false for model.arch='cifar'"),
+        ("cifar", dict(groups=2), "model.groups=2: expected 1 for model.arch='cifar'"),
     ],
 )  # fmt: skip
 def test_invalid_config_is_named(arch: str, kwargs: dict, message: str) -> None:
@@ -446,3 +450,27 @@ def test_multiply_accumulates_per_image(arch: str, gmacs: float) -> None:
         with FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, size, size))
     assert counter.get_total_flops() / 2e9 == pytest.approx(gmacs, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("arch", "pooling"), [("paper", "overlap"), ("paper", "nonoverlap"), ("torchvision", "overlap")]
+)
+def test_crop_range_is_the_built_networks(arch: str, pooling: str) -> None:
+    # models.rules describes the layers without torch; the built network must agree.
+    from models.rules import crop_range, feature_side
+
+    lo, _ = crop_range(arch, pooling)
+    model = build_model(arch, num_classes=2, pooling=pooling, width=0.05).eval()
+    with torch.no_grad():
+        for side in (lo, 100, 227):
+            out = model.features(torch.zeros(1, 3, side, side))  # (1, C, s, s)
+            assert out.shape[-1] == feature_side(arch, pooling, side)
+        model(torch.zeros(1, 3, lo, lo))
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, lo - 1, lo - 1))
+
+
+def test_config_rules_import_without_torch() -> None:
+    # Stages that only load params (sample, shard, stats) must not depend on the networks.
+    code = "import sys, pipeline.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

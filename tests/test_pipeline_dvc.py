@@ -115,7 +115,7 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
     registered = mlflow.pytorch.load_model("models:/alexnet@candidate")
     local, card = load_model(ws / "artifacts/model")
     x = torch.from_numpy(
-        np.random.default_rng(0).normal(size=(4, 3, card["crop"], card["crop"])).astype(np.float32)
+        np.random.default_rng(0).normal(size=(4, 3, card.crop, card.crop)).astype(np.float32)
     )
     with torch.no_grad():
         expected = local(x)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,9 @@ from PIL import Image, ImageFile
 from test_imagenet import CIFAR_CLASSES, cifar_pixels, image_bytes, make_cifar, make_imagenet
 from torchvision import transforms
 
-from pipeline.data.imagenet import ingest_cifar10, ingest_imagenet
+from pipeline.config import ShardParams
+from pipeline.data.cifar import ingest_cifar10
+from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.preprocess import (
     Processed,
     Rejected,
@@ -26,7 +27,8 @@ from pipeline.data.preprocess import (
     decode_jpeg,
     preprocess_image,
 )
-from pipeline.data.shards import TooManyBadFilesError, read_shards, warm_workers, write_shards
+from pipeline.data.shard_writer import TooManyBadFilesError, warm_workers, write_shards
+from pipeline.data.shards import ShardMeta, read_shards
 
 SIZE = 64  # small stored images keep the tests fast; the geometry is size-independent
 SHARD = 3
@@ -175,10 +177,14 @@ def make_tree(root: Path) -> Path:
     return root
 
 
-def shard(root: Path, out: Path, **kw: object) -> dict:
+def shard(root: Path, out: Path, max_in_flight: int | None = None, **kw: object) -> dict:
+    """Shards `root` into `out` with the test's settings, `kw` overriding `shard` params."""
     catalog = ingest_imagenet(str(root))
-    params = {"size": SIZE, "shard_size": SHARD, "max_bad_fraction": 0.5, "progress": False}
-    return write_shards(catalog.records, out, classes=catalog.classes, **(params | kw))
+    settings = ShardParams(**({"size": SIZE, "shard_size": SHARD, "max_bad_fraction": 0.5} | kw))
+    return write_shards(
+        catalog.records, out, classes=catalog.classes, settings=settings, max_in_flight=max_in_flight,
+        progress=False,
+    )  # fmt: skip
 
 
 def digest(out: Path) -> dict[str, str]:
@@ -217,17 +223,17 @@ def test_every_input_accounted_for(sharded: tuple[Path, Path, dict]) -> None:
 
 def test_layout_meta_and_formats_agree(sharded: tuple[Path, Path, dict]) -> None:
     _, out, metrics = sharded
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["classes"] == meta["names"] == ["n01000001", "n02000002", "n03000003"]
-    assert meta["counts"] == metrics["sharded"] and (meta["size"], meta["quality"]) == (SIZE, 90)
+    meta = ShardMeta.read(str(out))
+    assert meta.classes == meta.names == ["n01000001", "n02000002", "n03000003"]
+    assert meta.counts == metrics["sharded"] and (meta.size, meta.quality) == (SIZE, 90)
     n_train_shards = -(-metrics["inputs"]["train"] // SHARD)
-    assert meta["shards"]["parquet"]["train"] == [
+    assert meta.shards["parquet"]["train"] == [
         f"parquet/train/part-{i:05d}.parquet" for i in range(n_train_shards)
     ]
     assert not list(out.rglob("*.tmp")) and not list(out.parent.glob(".out.*"))
     for split in ("train", "val"):
         for pq_rel, tar_rel in zip(
-            meta["shards"]["parquet"][split], meta["shards"]["webdataset"][split], strict=True
+            meta.shards["parquet"][split], meta.shards["webdataset"][split], strict=True
         ):
             table = pq.read_table(out / pq_rel)
             assert table.schema.field("label").type == "int64"
@@ -253,7 +259,7 @@ def test_train_shards_are_shuffled_and_seeded(sharded: tuple[Path, Path, dict], 
 
     keys = train_keys(out)
     assert keys != sorted(keys)  # class-mixed, not in ingestion order
-    shard(root, tmp_path / "other", seed=1, fmt="parquet")
+    shard(root, tmp_path / "other", seed=1, format="parquet")
     assert sorted(train_keys(tmp_path / "other")) == sorted(keys) != train_keys(tmp_path / "other")
 
 
@@ -292,7 +298,7 @@ def test_too_many_bad_files_raises_after_report(sharded: tuple[Path, Path, dict]
 
 def test_quarantine_header_when_nothing_is_bad(ray_local: None, tmp_path: Path) -> None:
     root = make_imagenet(tmp_path / "src", "folders")
-    metrics = shard(root, tmp_path / "out", fmt="webdataset", max_bad_fraction=0.0)
+    metrics = shard(root, tmp_path / "out", format="webdataset", max_bad_fraction=0.0)
     assert metrics["bad_fraction"] == 0.0
     assert (tmp_path / "out" / "quarantine.csv").read_text() == "split,path,reason\n"
     assert not (tmp_path / "out" / "parquet").exists()
@@ -343,15 +349,12 @@ def test_read_shards_through_file_uri(sharded: tuple[Path, Path, dict]) -> None:
 
 def test_cifar_shards(ray_local: None, tmp_path: Path) -> None:
     catalog = ingest_cifar10(str(make_cifar(tmp_path / "src")))
-    metrics = write_shards(
-        catalog.records, tmp_path / "out", classes=catalog.classes, size=32, quality=95,
-        shard_size=4, progress=False, max_bad_fraction=0.0,
-    )  # fmt: skip
+    settings = ShardParams(size=32, quality=95, shard_size=4, max_bad_fraction=0.0)
+    metrics = write_shards(catalog.records, tmp_path / "out", classes=catalog.classes, settings=settings)
     assert metrics["sharded"] == {"train": 15, "val": 3}
     rows = {r["key"]: r for r in read_shards(str(tmp_path / "out"), "val").take_all()}
     for i in range(3):
         row = rows[f"cifar_val_{i + 1:05d}"]
         assert row["label"] == (5 + i) % 10
         assert np.abs(row["image"].astype(int) - cifar_pixels(5)[i]).mean() < 3
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["classes"] == CIFAR_CLASSES
+    assert ShardMeta.read(str(tmp_path / "out")).classes == CIFAR_CLASSES

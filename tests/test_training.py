@@ -16,14 +16,19 @@ import psutil
 import pytest
 import torch
 
-from pipeline.train.loop import PlateauSchedule, StepSchedule, topk_correct
+from pipeline.scoring import hits, top_classes
+from pipeline.train.schedules import PlateauSchedule, StepSchedule
 from tests.conftest import run_stage, stage_env
 
 
 def test_topk_counts() -> None:
     logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]]).repeat(3, 1)  # class 0 ranked first, 5 last
-    assert topk_correct(logits, torch.tensor([0, 2, 5])) == (1, 2)  # top-1, 3rd, 6th
-    assert topk_correct(logits[:, :3], torch.tensor([1, 2, 2])) == (0, 3)  # k = min(5, C)
+    def counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+        h1, h5 = hits(top_classes(logits), labels)
+        return int(h1.sum()), int(h5.sum())
+
+    assert counts(logits, torch.tensor([0, 2, 5])) == (1, 2)  # top-1, 3rd, 6th
+    assert counts(logits[:, :3], torch.tensor([1, 2, 2])) == (0, 3)  # k = min(5, C)
 
 
 def test_plateau_schedule_divides_by_ten_then_stops() -> None:

@@ -8,14 +8,95 @@ whatever the shard sizes.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import numpy as np
 import ray
 
+from pipeline.cluster import cluster_cpus
 from pipeline.data.preprocess import decode_jpeg
-from pipeline.data.shards import FORMATS, iter_shard, shard_files
+from pipeline.data.shards import FORMATS, ShardMeta, iter_shard
+from pipeline.storage import atomic_write_text, read_bytes
 
 CHANNELS = 3
 MAX_VALUE = 255.0  # uint8 pixels -> [0, 1]
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ColorStats:
+    """Training-set colour statistics, pixels scaled to [0, 1]: the stats stage's output.
+
+    Attributes:
+        mean, std: Per channel (R, G, B); std is the population std.
+        eigval: Eigenvalues of the RGB covariance, descending.
+        eigvec: eigvec[i][j] = component i (R, G, B) of eigenvector j (columns are
+            eigenvectors, as numpy.linalg.eigh returns them); each column's sign is arbitrary.
+        cov: The 3x3 RGB covariance (population); empty for hand-made stats.
+        num_images, num_pixels: What was counted (0 for hand-made stats).
+    """
+
+    mean: Vec3
+    std: Vec3
+    eigval: Vec3
+    eigvec: tuple[Vec3, Vec3, Vec3]
+    cov: tuple[Vec3, ...] = ()
+    num_images: int = 0
+    num_pixels: int = 0
+
+    def to_json(self) -> str:
+        """The stats file's text (the one writer's format)."""
+        keys = ("mean", "std", "cov", "eigval", "eigvec", "num_images", "num_pixels")
+        return json.dumps({k: getattr(self, k) for k in keys}, indent=1)
+
+    def write(self, path: str) -> None:
+        """Writes the stats file atomically."""
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str) -> ColorStats:
+        """Reads a stats file (local path or URI).
+
+        Raises:
+            ValueError: Naming the file, when it is not JSON, a key is missing or a value
+                has the wrong shape.
+        """
+        try:
+            raw = json.loads(read_bytes(path))
+            return cls.from_dict(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: expected the stats stage's JSON with mean, std (3 values each), eigval (3) "
+                f"and eigvec (3x3): {e}"
+            ) from e
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ColorStats:
+        """Builds stats from the file's mapping (also the model card's copy).
+
+        Raises:
+            ValueError: When a vector does not have 3 values or eigvec is not 3x3.
+        """
+
+        def vec(v) -> Vec3:
+            out = tuple(float(x) for x in v)
+            if len(out) != CHANNELS:
+                raise ValueError(f"expected {CHANNELS} values, got {len(out)}")
+            return out
+
+        if len(raw["eigvec"]) != CHANNELS:
+            raise ValueError(f"eigvec: expected {CHANNELS} rows, got {len(raw['eigvec'])}")
+        return cls(
+            mean=vec(raw["mean"]),
+            std=vec(raw["std"]),
+            eigval=vec(raw["eigval"]),
+            eigvec=tuple(vec(row) for row in raw["eigvec"]),
+            cov=tuple(vec(row) for row in raw.get("cov", ())),
+            num_images=int(raw.get("num_images", 0)),
+            num_pixels=int(raw.get("num_pixels", 0)),
+        )
 
 
 def _shard_moments(uri: str, fmt: str) -> tuple[int, int, np.ndarray, np.ndarray]:
@@ -33,35 +114,27 @@ def _shard_moments(uri: str, fmt: str) -> tuple[int, int, np.ndarray, np.ndarray
     return images, pixels, total, cross
 
 
-def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0) -> dict:
+def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0) -> ColorStats:
     """Computes pixel statistics of the training shards, one Ray task per shard.
 
-    Initialises a local Ray if the caller has not.
+    Starts a local Ray if the caller has not (`pipeline.cluster`).
 
     Args:
-        shards_dir: The `out_dir` of `write_shards` (local path or URI).
+        shards_dir: The shard writer's output folder (local path or URI).
         fmt: Which copy of the shards to read: "parquet" or "webdataset".
         max_shards: Use only the first this many train shards (0: all). Train shards
             are class-mixed by the seeded shuffle, so a prefix is a uniform sample.
 
     Returns:
-        JSON-serialisable dict, pixels scaled to [0, 1]:
-        mean, std: per channel (R, G, B); std is the population std.
-        cov: 3x3 RGB covariance (population, i.e. divided by num_pixels).
-        eigval: eigenvalues of cov, descending.
-        eigvec: eigvec[i][j] = component i (R, G, B) of eigenvector j, i.e. columns are
-            eigenvectors as numpy.linalg.eigh returns them, reordered to match eigval.
-            Each column's sign is arbitrary, as in eigh.
-        num_images, num_pixels: what was counted.
+        The statistics, pixels scaled to [0, 1].
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if max_shards < 0:
         raise ValueError(f"max_shards must be >= 0 (0: all), got {max_shards}")
-    uris = shard_files(shards_dir, "train", fmt)
+    uris = ShardMeta.read(shards_dir).files("train", fmt)
     uris = uris[:max_shards] if max_shards else uris
-    if not ray.is_initialized():
-        ray.init()
+    cluster_cpus()
     task = ray.remote(_shard_moments)
     parts = ray.get([task.remote(uri, fmt) for uri in uris])
     images = sum(p[0] for p in parts)
@@ -72,12 +145,14 @@ def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0)
     cov = sum(p[3] for p in parts) / pixels / MAX_VALUE**2 - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)  # ascending
     order = np.argsort(eigval)[::-1]
-    return {
-        "mean": mean.tolist(),
-        "std": np.sqrt(np.diag(cov)).tolist(),
-        "cov": cov.tolist(),
-        "eigval": eigval[order].tolist(),
-        "eigvec": eigvec[:, order].tolist(),
-        "num_images": images,
-        "num_pixels": pixels,
-    }
+    return ColorStats.from_dict(
+        {
+            "mean": mean.tolist(),
+            "std": np.sqrt(np.diag(cov)).tolist(),
+            "cov": cov.tolist(),
+            "eigval": eigval[order].tolist(),
+            "eigvec": eigvec[:, order].tolist(),
+            "num_images": images,
+            "num_pixels": pixels,
+        }
+    )

@@ -1,4 +1,10 @@
-"""The train stage's work: resume-or-start a tracked Ray Train run and export its model."""
+"""The train stage's driver: resume-or-start a tracked Ray Train run and export its model.
+
+It checks everything that can fail before any worker starts (inputs, tracking server,
+cluster resources, a forward pass of the network at the crop size), names the run after a
+hash of what it depends on (pipeline.train.runstate), starts `TorchTrainer` with the
+workers of pipeline.train.loop, and writes the model card, the history and the metrics.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +13,21 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Any
+
+import torch
 
 from pipeline import tracking
 from pipeline.cluster import init_ray
-from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams, as_flat_dict
-from pipeline.data.imagenet import read_bytes
-from pipeline.data.shards import META, read_shards
-from pipeline.storage import atomic_write_text
-from pipeline.train.loop import check_resources, fit, load_state, worker_config
-from pipeline.train.model_card import save_model
-from pipeline.train.runstate import RunState, run_key, storage_uri
-from pipeline.transforms import ColorStats
+from pipeline.config import Params, TrainParams
+from pipeline.data.shards import QUARANTINE, ShardMeta, read_shards
+from pipeline.data.stats import ColorStats
+from pipeline.storage import absolute, atomic_write_text, join, read_bytes
+from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
+from pipeline.train.model_card import ModelCard, build_network, save_model
+from pipeline.train.runstate import RunState, run_key
 
 
-def _read_meta(data: DataParams) -> tuple[dict[str, Any], bytes]:
-    """The shards' meta.json (local path or URI), parsed and as bytes (for the run key)."""
-    uri = f"{data.shards.rstrip('/')}/{META}"
-    try:
-        raw = read_bytes(uri)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{uri}: shard metadata missing; run the shard stage first") from e
-    return json.loads(raw), raw
-
-
-def _open_mlflow_run(state: RunState, params: dict[str, Any], data: DataParams, mlp: MlflowParams) -> str:
+def _open_mlflow_run(state: RunState, params: Params) -> str:
     """Continues the run's MLflow run after an interruption, else starts a new one."""
     import mlflow
 
@@ -39,24 +35,15 @@ def _open_mlflow_run(state: RunState, params: dict[str, Any], data: DataParams, 
     if saved and not saved.get("complete"):
         return saved["mlflow_run_id"]
     state.reset()
-    mlflow.set_experiment(mlp.experiment)
+    data = params.data
+    mlflow.set_experiment(params.mlflow.experiment)
     with mlflow.start_run(run_name=state.name) as run:
-        mlflow.log_params(as_flat_dict(params))
+        mlflow.log_params(params.flat())
         mlflow.set_tags(tracking.run_tags())
-        digests = tracking.dvc_out_hashes("shard")
-        for split in ("train", "val"):
-            tracking.log_dataset(
-                data.shards,
-                digests.get(data.shards, ""),
-                f"shards-{split}",
-                "training" if split == "train" else "validation",
-            )
-        for path in (
-            "params.yaml",
-            data.stats,
-            data.shard_metrics,
-            str(Path(data.shards) / "quarantine.csv"),
-        ):
+        digest = tracking.dvc_out_hashes("shard").get(data.shards, "")
+        tracking.log_dataset(data.shards, digest, "shards-train", "training")
+        tracking.log_dataset(data.shards, digest, "shards-val", "validation")
+        for path in ("params.yaml", data.stats, data.shard_metrics, join(data.shards, QUARANTINE)):
             if Path(path).is_file():
                 mlflow.log_artifact(path, artifact_path="inputs")
     state.write({"mlflow_run_id": run.info.run_id, "complete": False})
@@ -72,59 +59,137 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def train(params: dict[str, Any]) -> dict[str, Any]:
-    """Runs the train stage.
+def check_runnable(cfg: WorkerConfig) -> None:
+    """Runs the network once on a (1, 3, crop, crop) input, so a shape error surfaces here
+    rather than in every retried worker.
+
+    Raises:
+        ValueError: Naming train.crop and the model params.
+    """
+    model = build_network(cfg.model, cfg.num_classes).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, cfg.train.crop, cfg.train.crop))
+    except RuntimeError as e:
+        raise ValueError(f"train.crop={cfg.train.crop} does not fit model {cfg.model}: {e}") from e
+
+
+def check_resources(p: TrainParams) -> None:
+    """Fails fast when the workers would reserve every CPU and starve their data feed.
+
+    Raises:
+        ValueError: Naming train.num_workers and train.cpus_per_worker.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - p.num_workers * p.cpus_per_worker < 1:
+        raise ValueError(
+            f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker} reserve every "
+            f"CPU of the Ray cluster ({total:.0f}); Ray Data needs at least one to feed them: lower "
+            "train.cpus_per_worker (a worker uses all its node's cores anyway)"
+        )
+
+
+def fit(train_ds, val_ds, cfg: WorkerConfig, storage_path: str, name: str):
+    """Runs (or resumes) training on Ray and returns the Ray Train Result.
 
     Args:
-        params: Every validated params section (pipeline.config.load_params).
+        train_ds: Ray Dataset with columns key, label, jpeg (train shards).
+        val_ds: Same for the val shards.
+        cfg: What every worker gets.
+        storage_path: RunConfig.storage_path: an absolute folder or a shared URI.
+        name: Run name; rerunning with the same (storage_path, name) resumes.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    p = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"worker": cfg},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # preserve_order: with fixed seeds, a resumed run sees exactly the batches an
+        # uninterrupted one would.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    return trainer.fit()
+
+
+def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params: Params) -> dict:
+    """Writes the model and its card, the history CSV and the metrics JSON of a finished fit."""
+    import mlflow
+
+    with result.checkpoint.as_directory() as d:
+        final = load_state(d)
+    history = final["history"]
+    run_id = cfg.mlflow.run_id
+    card = ModelCard(
+        arch=cfg.model,
+        num_classes=cfg.num_classes,
+        classes=meta.classes,
+        crop=cfg.train.crop,
+        stats=cfg.stats,
+        epochs=final["epoch"],
+        mlflow_run_id=run_id,
+        ray_run=state.name,
+    )
+    save_model(final["model"], params.data.model, card)
+    write_history(history, Path(params.data.plots) / "train_history.csv")
+    summary = {
+        **history[-1],
+        "best_val_top1_error": min(h["val_top1_error"] for h in history),
+        "epochs_run": final["epoch"],
+        "mlflow_run_id": run_id,
+    }
+    atomic_write_text(Path(params.data.train_metrics), json.dumps(summary, indent=1))
+    mlflow.log_metric("best_val_top1_error", summary["best_val_top1_error"])
+    return summary
+
+
+def train(params: Params) -> dict:
+    """Runs the train stage: resumes the interrupted run of the same config, else starts one.
+
+    Args:
+        params: The validated params (pipeline.config.load_params).
 
     Returns:
         The final epoch's metrics plus run identifiers.
     """
     import mlflow
 
-    data: DataParams = params["data"]
-    mp: ModelParams = params["model"]
-    p: TrainParams = params["train"]
-    meta, meta_raw = _read_meta(data)
-    stats = ColorStats.load(data.stats)
-    uri = tracking.tracking_uri()
-    tracking.check_tracking_server(uri)  # before any expensive work
-    mlflow.set_tracking_uri(uri)
-
-    key = run_key(dataclasses.asdict(mp), dataclasses.asdict(p), meta_raw, Path(data.stats).read_bytes())
+    data, p = params.data, params.train
+    meta = ShardMeta.read(data.shards)
+    stats = ColorStats.read(data.stats)
+    uri = tracking.connect()  # before any expensive work
+    cfg = WorkerConfig(params.model, p, stats, len(meta.classes))
+    check_runnable(cfg)
+    model_params, train_params = dataclasses.asdict(params.model), dataclasses.asdict(p)
+    key = run_key(model_params, train_params, meta.to_json(), read_bytes(data.stats))
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
     init_ray()
     check_resources(p)
-    run_id = _open_mlflow_run(state, params, data, params["mlflow"])
+    run_id = _open_mlflow_run(state, params)
+    cfg = dataclasses.replace(cfg, mlflow=tracking.RunRef(uri, run_id))
     datasets = {s: read_shards(data.shards, s, fmt=data.format, decode=False) for s in ("train", "val")}
-    cfg = worker_config(mp, p, stats, len(meta["classes"]), {"tracking_uri": uri, "run_id": run_id})
-    with mlflow.start_run(run_id=run_id, log_system_metrics=params["mlflow"].system_metrics):
-        result = fit(datasets["train"], datasets["val"], cfg, storage_uri(data.checkpoints), state.name)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=params.mlflow.system_metrics):
+        result = fit(datasets["train"], datasets["val"], cfg, absolute(data.checkpoints), state.name)
         if result.error:
             raise RuntimeError(f"training failed: {result.error}") from result.error
-        with result.checkpoint.as_directory() as d:
-            final = load_state(d)
-        history = final["history"]
-        card = {
-            "arch": dataclasses.asdict(mp),
-            "num_classes": len(meta["classes"]),
-            "classes": meta["classes"],
-            "crop": p.crop,
-            "stats": dataclasses.asdict(stats),
-            "epochs": final["epoch"],
-            "mlflow_run_id": run_id,
-            "ray_run": state.name,
-        }
-        save_model(final["model"], data.model, card)
-        write_history(history, Path(data.plots) / "train_history.csv")
-        summary = {
-            **history[-1],
-            "best_val_top1_error": min(h["val_top1_error"] for h in history),
-            "epochs_run": final["epoch"],
-            "mlflow_run_id": run_id,
-        }
-        atomic_write_text(Path(data.train_metrics), json.dumps(summary, indent=1))
-        mlflow.log_metric("best_val_top1_error", summary["best_val_top1_error"])
+        summary = _export(result, cfg, meta, state, params)
     state.write({"mlflow_run_id": run_id, "complete": True})
     return summary

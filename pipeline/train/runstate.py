@@ -13,17 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.storage import absolute
+
 STATE_NAME = "pipeline_run.json"
-
-
-def storage_uri(path: str) -> str:
-    """RunConfig.storage_path form of a params path: URIs as they are, local paths absolute."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def run_key(*parts: bytes | str | dict[str, Any]) -> str:
@@ -44,7 +40,7 @@ class RunState:
     name: str
 
     def _fs(self) -> tuple[pafs.FileSystem, str]:
-        fs, base = pafs.FileSystem.from_uri(storage_uri(self.storage))
+        fs, base = pafs.FileSystem.from_uri(absolute(self.storage))
         return fs, f"{base}/{self.name}"
 
     def read(self) -> dict[str, Any] | None:

@@ -1,0 +1,119 @@
+"""A training worker's input: its rows of the train shards as shuffled, augmented batches.
+
+`epoch_batches` turns the worker's Ray Data shard into shuffled batches of JPEG bytes;
+`augmented_batches` decodes and augments them (pipeline.transforms) two batches ahead of
+the model. Every random choice is a pure function of (seed, epoch, rank, step), so a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.transforms import Augmenter
+
+
+def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:
+    """The generator of one batch's augmentation: a pure function of where it is in the run."""
+    return np.random.default_rng([seed, epoch, rank, step])
+
+
+def run_ahead(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Runs `batches` in a background thread, `depth` items ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def epoch_batches(
+    shard, batch_size: int, seed: int, epoch: int, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's train batches for one epoch ({"key", "label", "jpeg"} numpy arrays).
+
+    A seeded shuffle buffer over rows in Python, rather than Ray Data's
+    local_shuffle_buffer_size, which concatenates and slices the Arrow binary column for
+    every batch. Rows enter the buffer one at a time in stored order and a batch is drawn
+    whenever it holds `buffer + batch_size` rows, so the batches depend only on the row
+    order (fixed by the trainer's preserve_order), the seed and the epoch, not on Ray
+    Data's block sizes.
+
+    Args:
+        shard: A Ray Data iterator (`ray.train.get_dataset_shard("train")`).
+        batch_size: Images per batch on this worker.
+        seed: train.seed.
+        epoch: 0-based epoch; with the seed it fixes the order, fresh every epoch.
+        prefetch: Batches of JPEG bytes Ray Data fetches ahead of the shuffle buffer.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    full = max(4 * batch_size, 1024) + batch_size
+    pool: list[tuple[Any, int, bytes]] = []  # (key, label, jpeg) rows
+
+    def batch(rows: list[tuple[Any, int, bytes]]) -> dict[str, np.ndarray]:
+        keys, labels, jpegs = zip(*rows, strict=True)
+        as_objects = np.empty(len(rows), dtype=object)  # bytes stay whole Python objects
+        as_objects[:] = jpegs
+        return {
+            "key": np.array(keys, dtype=object),
+            "label": np.array(labels, dtype=np.int64),
+            "jpeg": as_objects,
+        }
+
+    for chunk in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch):
+        rows = list(zip(chunk["key"], chunk["label"].tolist(), chunk["jpeg"], strict=True))
+        while rows:
+            take = full - len(pool)
+            pool += rows[:take]
+            rows = rows[take:]
+            if len(pool) == full:
+                picks = rng.choice(full, batch_size, replace=False)
+                out = [pool[i] for i in picks]
+                for i in sorted(picks, reverse=True):  # O(batch) removal: the last row fills the gap
+                    pool[i] = pool[-1]
+                    pool.pop()
+                yield batch(out)
+    order = rng.permutation(len(pool))  # the tail: whole batches only (drop_last)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        yield batch([pool[i] for i in order[start : start + batch_size]])
+
+
+def augmented_batches(
+    batches: Iterator[dict[str, np.ndarray]], augment: Augmenter, seed: int, epoch: int, rank: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x (B, 3, crop, crop) float32, y (B,) int64) pairs, prepared ahead of the consumer.
+
+    A background thread feeds the augmentation threads: it submits batch i + 1 before
+    waiting for batch i, so they never idle at a batch boundary, and holds finished
+    batches for the consumer (`run_ahead`)."""
+
+    def prepared() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pending: collections.deque = collections.deque()  # (PendingBatch, labels), oldest first
+        for step, batch in enumerate(batches):
+            x = augment.submit(list(batch["jpeg"]), batch_rng(seed, epoch, rank, step))
+            pending.append((x, torch.as_tensor(batch["label"], dtype=torch.long)))
+            if len(pending) == 2:  # the next batch is queued before this one is awaited
+                x, y = pending.popleft()
+                yield x.result(), y
+        for x, y in pending:
+            yield x.result(), y
+
+    return run_ahead(prepared())
