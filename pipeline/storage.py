@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -21,3 +22,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Text form of `atomic_write_bytes` (UTF-8)."""
     atomic_write_bytes(path, text.encode())
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Replaces `out` by the complete `staging` folder (two renames, then cleanup)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
