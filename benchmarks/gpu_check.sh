@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
+from pipeline.config import SampleParams
 from pipeline.transforms import ColorStats, GpuTrainAugment
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.sample import generate_sample
@@ -86,7 +87,7 @@ def timed(n: int, fn) -> float:
 
 with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    generate_sample(Path(tmp) / "raw", num_classes=10, train_per_class=args.train_per_class, val_per_class=1)
+    generate_sample(Path(tmp) / "raw", SampleParams(num_classes=10, train_per_class=args.train_per_class, val_per_class=1))
     catalog = ingest_imagenet(str(Path(tmp) / "raw"))
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     write_shards(catalog.records, Path(tmp) / "shards", classes=catalog.classes, size=256, fmt="parquet",
