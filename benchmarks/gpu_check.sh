@@ -6,8 +6,8 @@
 # Self-contained: generates a small synthetic ILSVRC-shaped sample (pipeline.data.sample),
 # shards it at 256 px (write_shards on a local Ray), holds the JPEG bytes in memory and
 # trains on them. Prints training images/s, peak GPU memory, and the input path alone
-# vs the model alone (synthetic tensors) to say which one bounds training. Under 5 minutes
-# on one data-centre GPU. Fails with exit status 2 and a clear message without CUDA.
+# vs the model alone (synthetic tensors) to say which one bounds training. Sized to take
+# minutes on one data-centre GPU. Fails with exit status 2 and a clear message without CUDA.
 #
 # Usage (repository root): benchmarks/gpu_check.sh [--steps 300] [--batch 128]
 #   dry run of the non-CUDA logic: benchmarks/gpu_check.sh --device cpu --steps 3 --batch 8
@@ -37,7 +37,7 @@ from pipeline.data.sample import generate_sample
 from pipeline.data.shards import iter_shard, shard_files, write_shards
 from pipeline.train.loop import batch_rng
 
-STATS = ColorStats(  # ImageNet's usual values (docs: /work/shared/spec/alexnet.md); speed only
+STATS = ColorStats(  # the usual ImageNet values (fb.resnet.torch's): the check measures speed only
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     eigval=(0.2175, 0.0188, 0.0045),

@@ -46,7 +46,7 @@ from pipeline.data.shards import read_shards, shard_files, write_shards  # noqa:
 from pipeline.train.loop import augmented_batches, epoch_batches  # noqa: E402
 from pipeline.transforms import ColorStats, TrainAugment  # noqa: E402
 
-# The usual ImageNet statistics (fb.resnet.torch; /work/shared/spec/alexnet.md): the
+# The usual ImageNet statistics (fb.resnet.torch's mean, std and RGB eigenpairs): the
 # benchmark measures speed, so the training set's own stats are not needed.
 STATS = ColorStats(
     mean=(0.485, 0.456, 0.406),
