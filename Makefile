@@ -11,7 +11,6 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision are pinned in pyproject.toml; pip takes them from the local disk here.
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
