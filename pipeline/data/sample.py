@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 
 MAPPING_FILE = "LOC_synset_mapping.txt"
 SOLUTION_FILE = "LOC_val_solution.csv"
-# The sample's size limits are ILSVRC-2012's: 1000 synsets, at most 1300 training and
-# exactly 50 validation images per class. config.SampleParams validates against these.
+# The sample's size limits, ILSVRC-2012's: 1000 synsets, at most 1300 training and
+# exactly 50 validation images per class. params.yaml's validation (config.SampleParams)
+# must allow exactly these ranges (tests/test_sample.py checks).
 NUM_SYNSETS = 1000
 MAX_TRAIN_PER_CLASS = 1300
 MAX_VAL_PER_CLASS = 50
