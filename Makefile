@@ -11,7 +11,6 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision are pinned in pyproject.toml; pip takes them from the local disk here.
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -32,7 +31,7 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: $(STAMP)
-	ruff check pipeline stages models tests benchmarks
+	ruff check pipeline stages models cli tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/model.py

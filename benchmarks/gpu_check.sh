@@ -6,8 +6,8 @@
 # Self-contained: generates a small synthetic ILSVRC-shaped sample (pipeline.data.sample),
 # shards it at 256 px (write_shards on a local Ray), holds the JPEG bytes in memory and
 # trains on them. Prints training images/s, peak GPU memory, and the input path alone
-# vs the model alone (synthetic tensors) to say which one bounds training. Under 5 minutes
-# on one data-centre GPU. Fails with exit status 2 and a clear message without CUDA.
+# vs the model alone (synthetic tensors) to say which one bounds training. Sized to take
+# minutes on one data-centre GPU. Fails with exit status 2 and a clear message without CUDA.
 #
 # Usage (repository root): benchmarks/gpu_check.sh [--steps 300] [--batch 128]
 #   dry run of the non-CUDA logic: benchmarks/gpu_check.sh --device cpu --steps 3 --batch 8
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
+from pipeline.config import SampleParams
 from pipeline.data.stats import ColorStats
 from pipeline.transforms import GpuTrainAugment
 from pipeline.data.imagenet import ingest_imagenet
@@ -39,7 +40,7 @@ from pipeline.data.shard_writer import write_shards
 from pipeline.data.shards import ShardMeta, iter_shard
 from pipeline.train.batches import batch_rng
 
-STATS = ColorStats(  # ImageNet's usual values (docs: /work/shared/spec/alexnet.md); speed only
+STATS = ColorStats(  # the usual ImageNet values (fb.resnet.torch's): the check measures speed only
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     eigval=(0.2175, 0.0188, 0.0045),
@@ -89,7 +90,7 @@ def timed(n: int, fn) -> float:
 
 with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    generate_sample(Path(tmp) / "raw", num_classes=10, train_per_class=args.train_per_class, val_per_class=1)
+    generate_sample(Path(tmp) / "raw", SampleParams(num_classes=10, train_per_class=args.train_per_class, val_per_class=1))
     catalog = ingest_imagenet(str(Path(tmp) / "raw"))
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     write_shards(catalog.records, Path(tmp) / "shards", classes=catalog.classes,

@@ -49,7 +49,7 @@ from pipeline.data.stats import ColorStats  # noqa: E402
 from pipeline.train.batches import augmented_batches, epoch_batches  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
-# The usual ImageNet statistics (fb.resnet.torch; /work/shared/spec/alexnet.md): the
+# The usual ImageNet statistics (fb.resnet.torch's mean, std and RGB eigenpairs): the
 # benchmark measures speed, so the training set's own stats are not needed.
 STATS = ColorStats(
     mean=(0.485, 0.456, 0.406),

@@ -12,14 +12,14 @@ same files:
 - floor: the stage's own per-image function in a ProcessPoolExecutor, no framework,
   no shard writing.
 
-No rate includes starting processes or importing torch (about 1.2 s per process): the
+No rate includes starting processes or importing torch (a fixed cost per process): the
 baseline's clock starts in its process after the imports, the floor's once its pool is
 up, the stage's once `warm_workers` has returned, as the stage hides that cost behind
 listing the input tree.
 
 Then runs the stage again (untimed) for its peak RSS, sampled every 50 ms: driver +
 Ray worker processes, and "all" (plus GCS, raylet, agents); torch, which the resize
-uses, is most of each process's footprint (~600 MiB). With --scale, runs it once more
+uses, is most of each process's footprint. With --scale, runs it once more
 on 4x the images (the corpus listed four times under distinct keys) and prints both
 peaks and their ratio. The last line is always
 `preprocess_speedup: X` (stage images/s / naive images/s).
@@ -65,8 +65,8 @@ TYPICAL = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (500, 400
 P_SMALL, P_LARGE = 0.10, 0.06
 P_GREY = 0.02
 # Luma grain (std, grey levels): crops of the bundled photos upscaled to 500 px are
-# smoother than real photos, so their JPEGs are smaller and cheaper to decode
-# (~38 KB vs ILSVRC-2012 train's ~110 KB mean); grain narrows the gap (~60 KB).
+# smoother than real photos, so their JPEGs are smaller and cheaper to decode than
+# ILSVRC-2012's; grain brings their size and decode cost closer (README, benchmarks).
 GRAIN = 8.0
 N_CLASSES = 20
 VAL_FRACTION = 0.1
@@ -260,7 +260,7 @@ def stage_run(records: list[Record], out: Path, classes: list[str], shard_size: 
 
 def stage_peak_rss(records: list[Record], out: Path, classes: list[str], shard_size: int) -> PeakRss:
     """Runs write_shards again under the RSS sampler (apart from the timed run: sampling
-    every process every 50 ms took ~10% of the 2 cores)."""
+    every process every SAMPLE_S takes CPU time from the stage)."""
     with PeakRss() as rss:
         write_shards(records, out, classes=classes, settings=_settings(shard_size), progress=False)
     return rss

@@ -2,9 +2,10 @@
 
     python -m cli.submit --params params-cluster.yaml train evaluate
 
-The job's working dir is a staging copy of this project's code (the files git tracks,
-minus data, plots and metrics; never venvs, caches or checkpoints), with the chosen params
-file as its params.yaml: Ray caps working-dir uploads at 100 MiB. Shards and checkpoints
+The stages and their commands are dvc.yaml's, run in its order. The job's working dir is
+a staging copy of the code the stages import (pipeline/, stages/, models/ and
+pyproject.toml; no data, venvs, caches or checkpoints), with the chosen params file as
+its params.yaml: Ray caps working-dir uploads at 100 MiB. Shards and checkpoints
 are read and written where that params file says, which on a cluster must be shared
 storage (an NFS path, or s3:// / gs:// URIs). The runtime env carries the pinned pip
 dependencies from pyproject.toml (unless --no-pip: for clusters whose image has them)
@@ -24,12 +25,13 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from pipeline.config import load_params
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-STAGES = ("sample", "shard", "stats", "train", "evaluate")
 CODE_DIRS = ("pipeline", "stages", "models")
 UPLOAD_LIMIT = 100 * 2**20  # Ray's working_dir cap
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +79,41 @@ def use_token_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def entrypoint(stages: list[str]) -> str:
-    """Shell command running the stages in pipeline order, stopping at the first failure."""
-    ordered = [s for s in STAGES if s in stages]
-    return " && ".join(f"python -m stages.{s}" for s in ordered)
+def dvc_stages(dvc_file: Path = ROOT / "dvc.yaml") -> dict[str, str]:
+    """The pipeline's stages as dvc.yaml declares them.
+
+    Args:
+        dvc_file: The DVC pipeline file.
+
+    Returns:
+        Stage name -> its ``cmd``, in the file's order (the pipeline order).
+
+    Raises:
+        ValueError: When the file has no stages or a stage has no single-string ``cmd``.
+    """
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ValueError(f"{dvc_file}: expected a non-empty `stages` mapping")
+    commands = {}
+    for name, stage in stages.items():
+        cmd = stage.get("cmd") if isinstance(stage, dict) else None
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise ValueError(f"{dvc_file}: stages.{name}.cmd: expected one command string, got {cmd!r}")
+        commands[name] = cmd
+    return commands
+
+
+def entrypoint(stages: list[str], commands: dict[str, str]) -> str:
+    """Shell command running `stages` in pipeline order, stopping at the first failure.
+
+    Args:
+        stages: The stages to run, in any order.
+        commands: Every stage's command in pipeline order (`dvc_stages`).
+
+    Returns:
+        The commands of `stages`, ordered as in `commands`, joined with ``&&``.
+    """
+    return " && ".join(cmd for name, cmd in commands.items() if name in stages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stages", nargs="+", choices=STAGES, help="stages to run, in pipeline order")
+    commands = dvc_stages()
+    parser.add_argument("stages", nargs="+", choices=list(commands), help="stages to run (dvc.yaml's)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file for the job")
     parser.add_argument(
         "--address",
@@ -116,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="alexnet-job-") as tmp:
         env = runtime_env(stage_working_dir(args.params, Path(tmp)), pip=not args.no_pip)
         client = JobSubmissionClient(args.address)
-        job_id = submit_when_ready(client, entrypoint(args.stages), env)
+        job_id = submit_when_ready(client, entrypoint(args.stages, commands), env)
     print(f"submitted {job_id} to {args.address}", flush=True)
     if args.no_wait:
         return 0

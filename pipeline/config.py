@@ -9,6 +9,7 @@ too): `train.lr` goes from params.yaml to the optimizer through typed objects on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from models.rules import check_switches, crop_range
+from pipeline.data.ilsvrc import MAX_TRAIN_PER_CLASS, MAX_VAL_PER_CLASS, NUM_SYNSETS
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -31,14 +33,35 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open)}
 
 
+class _Section:
+    """Base of the section dataclasses: each field is checked against its type and
+    bounds when the section is built, so a section made in code is as valid as one read
+    from params.yaml."""
+
+    SECTION = ""  # the section's name in params.yaml, for error messages
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _check_value(f"{self.SECTION}.{f.name}", getattr(self, f.name), hints[f.name], f.metadata)
+            object.__setattr__(self, f.name, value)  # int -> float where the type is float
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(_Section):
     """Where every file of the pipeline lives (paths are defined here and nowhere else).
 
     `raw` may be a local path or a pyarrow.fs URI (s3://, gs://) so a cluster can read
     ImageNet from object storage. It equals `sample` by default; pointing it at a real
     ImageNet tree leaves the sample stage writing only its own folder.
     """
+
+    SECTION = "data"
 
     sample: str = "data/sample"  # where the sample stage writes the embedded sample
     raw: str = "data/sample"  # the ILSVRC-2012 tree the shard stage reads
@@ -54,18 +77,22 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class SampleParams:
+class SampleParams(_Section):
     """The embedded ILSVRC-2012-shaped sample generator."""
 
-    num_classes: int = field(default=10, metadata=_range(2, 1000))
-    train_per_class: int = field(default=300, metadata=_range(2, 1300))  # ILSVRC-2012's limits
-    val_per_class: int = field(default=50, metadata=_range(1, 50))
+    SECTION = "sample"
+
+    num_classes: int = field(default=10, metadata=_range(2, NUM_SYNSETS))
+    train_per_class: int = field(default=300, metadata=_range(2, MAX_TRAIN_PER_CLASS))
+    val_per_class: int = field(default=50, metadata=_range(1, MAX_VAL_PER_CLASS))
     seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
-class ShardParams:
+class ShardParams(_Section):
     """Resizing and sharding (paper: shorter side 256, centre crop 256x256)."""
+
+    SECTION = "shard"
 
     source: Literal["imagenet", "cifar10"] = "imagenet"
     size: int = field(default=256, metadata=_range(32, 1024))
@@ -77,15 +104,19 @@ class ShardParams:
 
 
 @dataclass(frozen=True)
-class StatsParams:
+class StatsParams(_Section):
     """Training-set statistics (mean, std, RGB covariance eigenpairs for PCA lighting)."""
+
+    SECTION = "stats"
 
     max_shards: int = field(default=0, metadata=_range(0))  # 0: every train shard (they are class-mixed)
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(_Section):
     """Network choice and the paper's ablation switches (see models/)."""
+
+    SECTION = "model"
 
     arch: Literal["paper", "torchvision", "cifar"] = "paper"
     activation: Literal["relu", "tanh"] = "relu"
@@ -97,6 +128,7 @@ class ModelParams:
     init: Literal["paper", "kaiming"] = "paper"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # The architecture's own rules (models/) are the one home of what combines.
 
         try:
@@ -106,8 +138,10 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Section):
     """The paper's SGD-momentum recipe and the Ray Train scaling/fault-tolerance knobs."""
+
+    SECTION = "train"
 
     epochs: int = field(default=90, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))  # global, split over workers
@@ -133,6 +167,7 @@ class TrainParams:
     run_name: str = "alexnet"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.gpu_augment and not self.use_gpu:
             raise ParamsError("train.gpu_augment=True: expected false unless train.use_gpu is true")
         if self.batch_size % self.num_workers:
@@ -143,17 +178,21 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(_Section):
     """Validation: centre crop and the paper's 10-crop."""
+
+    SECTION = "evaluate"
 
     batch_size: int = field(default=128, metadata=_range(1))
     ten_crop: bool = True
 
 
 @dataclass(frozen=True)
-class MlflowParams:
+class MlflowParams(_Section):
     """Experiment tracking. The tracking URI itself comes from MLFLOW_TRACKING_URI or
     defaults to the local SQLite store; it never lives in params (it may hold secrets)."""
+
+    SECTION = "mlflow"
 
     experiment: str = "alexnet"
     registered_model: str = "alexnet"
@@ -261,9 +300,7 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
-    values = {k: _check_value(f"{name}.{k}", v, hints[k], fields[k].metadata) for k, v in raw.items()}
-    return cls(**values)
+    return cls(**raw)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

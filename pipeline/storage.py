@@ -90,8 +90,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def publish_dir(staging: Path, out: Path) -> None:
     """Replaces `out` by the complete `staging` folder (two renames, then cleanup)."""
     old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     if out.exists():
         out.rename(old)
     staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Deletes a file, link or folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

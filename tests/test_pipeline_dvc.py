@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -79,6 +80,13 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
     ev = json.loads((ws / "metrics/eval.json").read_text())
     assert 0.0 <= ev["top1_error"] <= 1.0 and ev["num_images"] == 3 * 4
     assert {"top1_error_10crop", "top5_error_10crop"} <= set(ev)
+    # What `make run` prints after the repro.
+    report = subprocess.run(
+        [sys.executable, "-m", "cli.report"], cwd=ws, env=stage_env(), capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr[-4000:]
+    assert re.search(rf"val top-1 error \(10-crop\) +{ev['top1_error_10crop']:.2%}\n", report.stdout)
+    assert re.search(rf"val images +{ev['num_images']}\n", report.stdout)
     model_before = (ws / "artifacts/model/model.pt").stat().st_mtime_ns
 
     second = dvc(ws, "repro")

@@ -1,8 +1,9 @@
-"""Tests for the synthetic ILSVRC-2012-shaped sample (pipeline/data/sample.py)."""
+"""Tests for the synthetic ILSVRC-2012-shaped sample (pipeline/data/sample*.py)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import re
 from collections import Counter
@@ -12,17 +13,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import sample
+from pipeline.config import ParamsError, SampleParams, parse_section
+from pipeline.data import ilsvrc, sample
 from pipeline.data.sample import design_name, generate_sample, load_synsets, select_classes
+from pipeline.data.sample_render import render
+from pipeline.data.sample_shapes import DESIGNS
 
-TINY = {"num_classes": 3, "train_per_class": 6, "val_per_class": 2}
+TINY = SampleParams(num_classes=3, train_per_class=6, val_per_class=2)
+SMALL = SampleParams(num_classes=2, train_per_class=2, val_per_class=1)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A 3-class tree (18 train, 6 val images) shared by the read-only tests."""
     root = tmp_path_factory.mktemp("tiny") / "sample"
-    return root, generate_sample(root, **TINY)
+    return root, generate_sample(root, TINY)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -98,8 +103,8 @@ def test_designs_are_distinct_and_the_first_ten_curated() -> None:
 def test_every_design_draws_a_visible_object_inside_the_picture() -> None:
     # All 1000 designs at the smallest picture size (200x150); through the private
     # renderer, since a 1000-class tree would take ~20 s.
-    for rank, design in enumerate(sample._DESIGNS):
-        image, boxes = sample._render(np.random.default_rng(rank), design, (200, 150))
+    for rank, design in enumerate(DESIGNS):
+        image, boxes = render(np.random.default_rng(rank), design, (200, 150))
         assert image.size == (200, 150) and image.mode == "RGB"
         for x0, y0, x1, y1 in boxes:
             assert 0 <= x0 < x1 < 200 and 0 <= y0 < y1 < 150, (design, boxes)
@@ -176,20 +181,20 @@ def test_tree_holds_the_real_sets_file_quirks(tiny: tuple[Path, dict]) -> None:
 
 
 def test_smallest_set_still_holds_every_quirk(tmp_path: Path) -> None:
-    generate_sample(tmp_path / "s", num_classes=2, train_per_class=5, val_per_class=1)
+    generate_sample(tmp_path / "s", dataclasses.replace(SMALL, train_per_class=5))
     found = _quirks(tmp_path / "s")
     assert found["png"] and found["cmyk"] and found["grey"] and found["progressive"]
 
 
 def test_same_parameters_give_identical_bytes(tiny: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = tiny
-    generate_sample(tmp_path / "again", **TINY)
+    generate_sample(tmp_path / "again", TINY)
     assert _digest(tmp_path / "again") == _digest(root)
 
 
 def test_another_seed_gives_other_images(tiny: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = tiny
-    generate_sample(tmp_path / "other", **TINY, seed=1)
+    generate_sample(tmp_path / "other", dataclasses.replace(TINY, seed=1))
     first, second = _digest(root), _digest(tmp_path / "other")
     images = {k: v for k, v in first.items() if k.endswith(".JPEG")}
     other_images = {k: v for k, v in second.items() if k.endswith(".JPEG")}
@@ -200,9 +205,9 @@ def test_another_seed_gives_other_images(tiny: tuple[Path, dict], tmp_path: Path
 
 def test_existing_tree_is_replaced(tmp_path: Path) -> None:
     root = tmp_path / "data" / "sample"  # missing parents are created
-    generate_sample(root, **TINY)
+    generate_sample(root, TINY)
     (root / "stray.txt").write_text("left from before")
-    generate_sample(root, num_classes=2, train_per_class=2, val_per_class=1)
+    generate_sample(root, SMALL)
     assert not (root / "stray.txt").exists()
     assert len(list((root / "train").iterdir())) == 2
     assert [p.name for p in root.parent.iterdir()] == ["sample"]
@@ -210,8 +215,7 @@ def test_existing_tree_is_replaced(tmp_path: Path) -> None:
 
 def test_interrupted_run_keeps_the_previous_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "sample"
-    small = {"num_classes": 2, "train_per_class": 2, "val_per_class": 1}
-    generate_sample(root, **small)
+    generate_sample(root, SMALL)
     before = _digest(root)
     calls = []
     save = sample._save
@@ -224,31 +228,48 @@ def test_interrupted_run_keeps_the_previous_tree(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(sample, "_save", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        generate_sample(root, **small, seed=7)
+        generate_sample(root, dataclasses.replace(SMALL, seed=7))
     assert _digest(root) == before
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        generate_sample(tmp_path / "fresh", **small)
+        generate_sample(tmp_path / "fresh", SMALL)
     assert [p.name for p in tmp_path.iterdir()] == ["sample"]
 
 
 @pytest.mark.parametrize(
-    ("name", "value", "allowed"),
+    ("name", "value"),
     [
-        ("num_classes", 1, "in [2, 1000]"),
-        ("num_classes", 1001, "in [2, 1000]"),
-        ("num_classes", 2.0, "in [2, 1000]"),
-        ("num_classes", True, "in [2, 1000]"),
-        ("train_per_class", 1, "in [2, 1300]"),
-        ("train_per_class", 1301, "in [2, 1300]"),
-        ("val_per_class", 0, "in [1, 50]"),
-        ("val_per_class", 51, "in [1, 50]"),
-        ("seed", -1, ">= 0"),
-        ("seed", "0", ">= 0"),
+        ("num_classes", 1),
+        ("num_classes", 1001),
+        ("num_classes", 2.0),
+        ("num_classes", True),
+        ("train_per_class", 1),
+        ("train_per_class", 1301),
+        ("val_per_class", 0),
+        ("val_per_class", 51),
+        ("seed", -1),
+        ("seed", "0"),
     ],
 )
-def test_bad_parameters_are_rejected(tmp_path: Path, name: str, value: object, allowed: str) -> None:
-    message = rf"^sample\.{name}={re.escape(repr(value))}: expected an integer {re.escape(allowed)}$"
-    with pytest.raises(ValueError, match=message):
-        generate_sample(tmp_path / "s", **{**TINY, name: value})
+def test_bad_parameters_are_rejected(tmp_path: Path, name: str, value: object) -> None:
+    # The section checks itself when built, so a bad one never reaches the generator.
+    with pytest.raises(ParamsError, match=rf"^sample\.{name}={re.escape(repr(value))}: expected int"):
+        generate_sample(tmp_path / "s", dataclasses.replace(TINY, **{name: value}))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("num_classes", 2, ilsvrc.NUM_SYNSETS),
+        ("train_per_class", 2, ilsvrc.MAX_TRAIN_PER_CLASS),
+        ("val_per_class", 1, ilsvrc.MAX_VAL_PER_CLASS),
+    ],
+)
+def test_params_file_allows_exactly_the_generators_range(name: str, low: int, high: int) -> None:
+    # params.yaml is validated before the stage starts: its limits must be the generator's.
+    assert getattr(parse_section("sample", {name: low}, SampleParams), name) == low
+    assert getattr(parse_section("sample", {name: high}, SampleParams), name) == high
+    for value in (low - 1, high + 1):
+        with pytest.raises(ParamsError, match=rf"^sample\.{name}={value}: "):
+            parse_section("sample", {name: value}, SampleParams)
