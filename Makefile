@@ -32,7 +32,7 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: $(STAMP)
-	ruff check pipeline stages models tests benchmarks
+	ruff check pipeline stages models cli tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/model.py

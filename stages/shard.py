@@ -6,6 +6,7 @@ from pipeline.cluster import init_ray
 from pipeline.config import load_params
 from pipeline.data.imagenet import ingest_cifar10, ingest_imagenet
 from pipeline.data.shards import warm_workers, write_shards
+from pipeline.preflight import check_storage
 from pipeline.storage import atomic_write_text
 
 
@@ -13,6 +14,7 @@ def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
     params = load_params()
     data, s = params["data"], params["shard"]
+    check_storage({"data.raw": data.raw, "data.shards": data.shards})  # before Ray starts
     init_ray()
     warm_workers()  # the workers import torch while the driver lists data.raw
     catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)

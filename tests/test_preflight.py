@@ -8,7 +8,10 @@ for S3, 5 s for a database connection), not by a timed assert here.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from cli.postgres import PostgresServer
 from cli.services import S3Server
 from pipeline.preflight import PreflightError, check_database, check_storage
 from pipeline.tracking import check_tracking_server
+from tests.conftest import ROOT, stage_env, write_params
 
 
 def closed_port() -> int:
@@ -134,3 +138,22 @@ def test_database_that_never_answers_fails_on_the_connect_timeout(silent_port: i
     uri = f"postgresql://mlflow@127.0.0.1:{silent_port}/mlflow"
     with pytest.raises(PreflightError, match=rf"MLFLOW_TRACKING_URI={uri}: cannot log in .*timeout expired"):
         check_tracking_server(uri)
+
+
+def test_shard_stage_stops_on_a_missing_bucket_before_ray_starts(s3_env: S3Server, tmp_path: Path) -> None:
+    write_params(tmp_path, {"data": {"raw": "s3://no-such-bucket/ILSVRC2012"}})
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.shard"],
+        cwd=tmp_path,
+        env=stage_env() | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert (
+        "PreflightError: data.raw=s3://no-such-bucket/ILSVRC2012: bucket 'no-such-bucket' does not exist"
+        in out.stderr
+    )
+    assert "Started a local Ray instance" not in out.stderr
+    assert not (tmp_path / "data").exists()
