@@ -57,11 +57,17 @@ def connect() -> str:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fails fast when an HTTP tracking server does not answer.
+    """Fails fast when the tracking store cannot be used: an HTTP server that does not
+    answer or cannot read its backend store, or a PostgreSQL store that refuses a login.
 
     Raises:
         RuntimeError: Naming the URI and the cause, before any training starts.
     """
+    if uri.startswith(("postgresql", "postgres:")):
+        from pipeline.preflight import check_database
+
+        check_database(uri, "MLFLOW_TRACKING_URI", int(timeout_s))
+        return
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -73,6 +79,29 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
             f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {e}. "
             "Start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from e
+    _check_server_store(uri, timeout_s)
+
+
+def _check_server_store(uri: str, timeout_s: float) -> None:
+    """Asks the server for one experiment: /health answers even when its database is gone."""
+    import requests
+
+    try:
+        reply = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            timeout=timeout_s,
+        )
+    except requests.RequestException as e:
+        cause = f"no answer to a query within {timeout_s:.0f} s ({e})"
+    else:
+        if reply.status_code < 500:
+            return
+        cause = f"HTTP {reply.status_code}: {' '.join(reply.text.split())[:300]}"
+    raise RuntimeError(
+        f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is up but cannot read its backend store: "
+        f"{cause}. Check the server's database (its --backend-store-uri) and the server's log."
+    )
 
 
 def git_tags(repo: str | Path = ".") -> dict[str, str]:

@@ -7,6 +7,7 @@ from pipeline.config import load_params
 from pipeline.data.cifar import ingest_cifar10
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.shard_writer import warm_workers, write_shards
+from pipeline.preflight import check_storage
 from pipeline.storage import atomic_write_text
 
 
@@ -14,6 +15,7 @@ def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
     params = load_params()
     data, s = params.data, params.shard
+    check_storage({"data.raw": data.raw, "data.shards": data.shards})  # before Ray starts
     init_ray()
     warm_workers()  # the workers import torch while the driver lists data.raw
     catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray instance for the whole test session."""
+"""Shared fixtures: one real local Ray instance for the whole test session; the shared
+services (S3 server, PostgreSQL, mlflow server) per module."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cli.postgres import PostgresServer, start_postgres
+from cli.services import S3Server, ServicesInfo, remove_all, start_s3, start_services, stop_services
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +106,27 @@ def workspace_copy(tiny_inputs: Path, tmp_path: Path):
         return ws
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
+    """The S3 server, PostgreSQL and mlflow server of `cli.services` on 127.0.0.1, per module."""
+    info = start_services("127.0.0.1", tmp_path_factory.mktemp("services"))
+    yield info
+    stop_services(info)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server alone on 127.0.0.1 (buckets alexnet, alexnet-dvc), per module."""
+    s3 = start_s3("127.0.0.1", tmp_path_factory.mktemp("s3"))
+    yield s3
+    remove_all((s3.process,), ())
+
+
+@pytest.fixture(scope="module")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """PostgreSQL alone on 127.0.0.1 with MLflow's role and database, per module."""
+    pg = start_postgres("127.0.0.1", tmp_path_factory.mktemp("postgres"))
+    yield pg
+    remove_all((pg.process,), (pg.data_dir,))
