@@ -6,9 +6,9 @@ with `write_shards` (cached too), then measures images/s delivered to a training
 batched, augmented float tensors (decode, random crop, flip, PCA lighting, normalise) on
 the same images and the same cores:
 
-- real: `read_shards(decode=False)` -> a Ray Data streaming_split iterator (what
-  `ray.train.get_dataset_shard` hands a worker, with the trainer's preserve_order) ->
-  `epoch_batches` -> `augmented_batches` (TrainAugment threads, two batches in flight);
+- real: what a training worker runs: `shard_rows` (the worker's shard files through Ray
+  Data, in order) -> `epoch_batches` -> `augmented_batches` (TrainAugment threads, two
+  batches in flight);
 - imagefolder: torchvision `ImageFolder` over the raw JPEGs + `DataLoader(num_workers)`
   with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize;
 - floor: the same TrainAugment over the shards read with pyarrow, batches in order,
@@ -44,9 +44,9 @@ from benchmarks.preprocess import build_corpus  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
-from pipeline.data.shards import ShardMeta, read_shards  # noqa: E402
+from pipeline.data.shards import ShardMeta  # noqa: E402
 from pipeline.data.stats import ColorStats  # noqa: E402
-from pipeline.train.batches import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
 # The usual ImageNet statistics (fb.resnet.torch's mean, std and RGB eigenpairs): the
@@ -167,22 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     files = ShardMeta.read(str(shards)).files("train", "parquet")
     augment = TrainAugment(STATS, args.crop, 0.1, threads=args.cpus)
 
-    ds = read_shards(str(shards), "train", decode=False)
-    # As Ray Train's DataConfig(execution_options=ExecutionOptions(preserve_order=True)) does.
-    ds.context.execution_options.preserve_order = True
-    it = ds.streaming_split(1, equal=True)[0]
     epoch = iter(range(1_000_000))  # a fresh epoch (a fresh shuffle) per pass, as in training
 
     def real() -> int:
         e = next(epoch)
-        return consume(augmented_batches(epoch_batches(it, args.batch, SEED, e), augment, SEED, e, 0))
+        batches = epoch_batches(shard_rows(files, "parquet", args.batch), args.batch, SEED, e)
+        return consume(augmented_batches(batches, augment, SEED, e, 0))
 
     def iterator_only(shuffled: bool) -> Callable[[], int]:
         def run() -> int:
-            if shuffled:
-                batches = epoch_batches(it, args.batch, SEED, next(epoch))
-            else:
-                batches = it.iter_batches(batch_size=args.batch, batch_format="numpy", drop_last=True)
+            rows = shard_rows(files, "parquet", args.batch)
+            batches = epoch_batches(rows, args.batch, SEED, next(epoch)) if shuffled else rows
             return sum(len(b["label"]) for b in batches)
 
         return run

@@ -1,7 +1,7 @@
 """Ray Train's overhead: training images/s through a TorchTrainer against a plain PyTorch loop.
 
 Both run the same step (forward, cross-entropy, backward, SGD-momentum step, as
-pipeline.train.loop's `_train_epoch`) of the same network on the same in-memory batches,
+pipeline.train.loop's `train_epoch`) of the same network on the same in-memory batches,
 regenerated from one seed in each process, with the same `torch.set_num_threads`; neither
 reads or augments data, so the difference is what Ray Train adds: the worker process,
 `prepare_model` (DDP on several workers), and a `ray.train.report` per epoch as the real
@@ -55,7 +55,7 @@ def make_model(cfg: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimi
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One SGD step, as `_train_epoch` does; returns the loss (a host sync, as there)."""
+    """One SGD step, as `train_epoch` does; returns the loss (a host sync, as there)."""
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()

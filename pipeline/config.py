@@ -157,7 +157,9 @@ class TrainParams(_Section):
     seed: int = field(default=0, metadata=_range(0))
     num_workers: int = field(default=1, metadata=_range(1))
     use_gpu: bool = False
-    cpus_per_worker: int = field(default=1, metadata=_range(1))
+    # Fractions let several workers share a core (Ray accepts fractional CPU requests).
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 64.0, lo_open=True))
+    placement: Literal["spread", "pack"] = "spread"  # workers over as many nodes as possible, or few
     augment_threads: int = field(default=2, metadata=_range(1))
     max_failures: int = field(default=2, metadata=_range(-1))
     precision: Literal["fp32", "bf16"] = "fp32"

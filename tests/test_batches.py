@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.train.batches import epoch_batches
+from pipeline.train.batches import epoch_batches, worker_files
 
-ROWS = 103  # not a multiple of the batch: the tail is dropped, as drop_last does
+ROWS = 103  # not a multiple of the batch: the last batch is partial
 
 
 def dataset(blocks: int) -> ray.data.Dataset:
@@ -19,19 +19,19 @@ def dataset(blocks: int) -> ray.data.Dataset:
 
 
 def keys(blocks: int, epoch: int, seed: int = 0, batch: int = 10) -> list[list[str]]:
-    return [list(b["key"]) for b in epoch_batches(dataset(blocks), batch, seed, epoch)]
+    chunks = dataset(blocks).iter_batches(batch_size=batch, batch_format="numpy")
+    return [list(b["key"]) for b in epoch_batches(chunks, batch, seed, epoch)]
 
 
-def test_every_row_once_in_whole_batches(ray_local: None) -> None:
+def test_every_row_once_the_last_batch_partial(ray_local: None) -> None:
     batches = keys(blocks=4, epoch=0)
     seen = [k for b in batches for k in b]
-    assert all(len(b) == 10 for b in batches) and len(batches) == ROWS // 10
-    assert len(set(seen)) == len(seen)  # no row twice
-    assert len(seen) == ROWS - ROWS % 10  # only the tail dropped
+    assert [len(b) for b in batches] == [10] * (ROWS // 10) + [ROWS % 10]
+    assert sorted(seen) == [f"k{i:03d}" for i in range(ROWS)]  # each row once
 
 
 def test_rows_keep_their_labels_and_bytes(ray_local: None) -> None:
-    for b in epoch_batches(dataset(3), 10, 0, 0):
+    for b in epoch_batches(dataset(3).iter_batches(batch_size=10, batch_format="numpy"), 10, 0, 0):
         ids = [int(k[1:]) for k in b["key"]]
         assert b["label"].dtype == np.int64 and list(b["label"]) == [i % 7 for i in ids]
         assert list(b["jpeg"]) == [bytes([i]) for i in ids]
@@ -44,3 +44,14 @@ def test_same_seed_and_epoch_same_batches_whatever_the_blocks(ray_local: None) -
 @pytest.mark.parametrize(("epoch", "seed"), [(1, 0), (0, 1)])
 def test_another_epoch_or_seed_reshuffles(ray_local: None, epoch: int, seed: int) -> None:
     assert keys(blocks=2, epoch=epoch, seed=seed) != keys(blocks=2, epoch=0, seed=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_workers_share_every_file_once(world: int) -> None:
+    files = [f"part-{i}" for i in range(7)]  # 7 files: no world here divides them evenly
+    for epoch in range(3):
+        shares = [worker_files(files, 0, epoch, rank, world) for rank in range(world)]
+        assert sorted(f for share in shares for f in share) == files
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert worker_files(files, 0, 0, 0, 2) != worker_files(files, 0, 1, 0, 2)  # fresh every epoch
+    assert worker_files(files, 0, 1, 0, 2) == worker_files(files, 0, 1, 0, 2)  # and reproducible

@@ -3,6 +3,7 @@ a SIGKILLed worker, all through the real train stage on a real local Ray."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import psutil
 import pytest
 import torch
 
+from pipeline.data.shards import ShardMeta
 from pipeline.scoring import hits, top_classes
 from pipeline.train.schedules import PlateauSchedule, StepSchedule
 from tests.conftest import run_stage, stage_env
@@ -113,8 +115,19 @@ def epoch_steps(ws: Path) -> list[int]:
     return sorted(m.step for m in history)
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy) -> None:
-    overrides = {"train": {"epochs": 8, "cpus_per_worker": 1}}
+def workers(n: int) -> dict:
+    """Train params for n workers on the 2-CPU test machine (halves of a core for two)."""
+    return {"num_workers": n, "cpus_per_worker": 1.0 if n == 1 else 0.5}
+
+
+def history(ws: Path) -> list[dict[str, str]]:
+    with open(ws / "plots/train_history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy, n: int) -> None:
+    overrides = {"train": {"epochs": 8, **workers(n)}}
     straight = workspace_copy("straight", overrides)
     run_stage(straight, "train")
 
@@ -135,25 +148,28 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy) 
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Every image once per epoch, summed over the workers (3 train shards: an uneven split).
+    meta = ShardMeta.read(str(ws / "data/shards"))
+    for row in history(straight) + history(ws):
+        assert int(float(row["train_images"])) == meta.counts["train"]
+        assert int(float(row["val_images"])) == meta.counts["val"]
+    placements = resumed["worker_nodes"]
+    assert len(placements) == 2 and all(len(nodes) == n for nodes in placements)  # 2 attempts
 
 
-def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy) -> None:
-    ws = workspace_copy("killed", {"train": {"epochs": 6, "max_failures": 2}})
+@pytest.mark.parametrize("n", [1, 2])
+def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy, n: int) -> None:
+    ws = workspace_copy("killed", {"train": {"epochs": 6, "max_failures": 2, **workers(n)}})
     proc = start_training(ws)
     wait_for(lambda: registered(ws) >= 1, proc, "a registered checkpoint")
     # Ray's local processes descend from the stage that started them: never touch another run's.
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "RayTrainWorker" in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 1, f"expected one Ray Train worker, found {workers}"
-    os.kill(workers[0].pid, signal.SIGKILL)
+    train_workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_train_worker(p)]
+    assert len(train_workers) == n, f"expected {n} Ray Train workers, found {train_workers}"
+    os.kill(train_workers[-1].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((ws / "metrics/train.json").read_text())
     assert summary["epochs_run"] == 6
     assert summary["restarts"] == 1, "the worker was not restarted from a checkpoint"
-    history = (ws / "plots/train_history.csv").read_text().splitlines()
-    assert history[1].endswith(",0"), "epoch 1 ran before the kill, in the first attempt"
+    assert history(ws)[0]["restarts"] == "0", "epoch 1 ran before the kill, in the first attempt"
     assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6]

@@ -21,6 +21,7 @@ benchmark section has the measurement.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import os
@@ -114,7 +115,7 @@ def write_shards(
 
     Returns:
         Metrics: inputs, sharded, quarantined ({split: count} each), bad_fraction,
-        seconds, images_per_s.
+        seconds, images_per_s, shards_per_node (Ray node id -> shard tasks it ran).
 
     Raises:
         ValueError: No records.
@@ -158,6 +159,7 @@ def write_shards(
         shard_size=settings.shard_size,
         seed=settings.seed,
         shards={f: {s: [shard_path(f, s, i) for i in range(len(plan[s]))] for s in SPLITS} for f in formats},
+        sizes={s: [r["sharded"] for r in results if r["split"] == s] for s in SPLITS},  # results in job order
     )
     atomic_write_bytes(staging / META, meta.to_json())
     publish_dir(staging, out)
@@ -188,6 +190,7 @@ def _summarise(
         "bad_fraction": len(bad_rows) / total,
         "seconds": seconds,
         "images_per_s": total / seconds,
+        "shards_per_node": dict(collections.Counter(r["node"] for r in results)),  # Ray node id -> shards
     }
     return metrics, bad_rows
 
@@ -250,7 +253,13 @@ def _write_shard(job: _ShardJob) -> dict:
     for fmt in job.formats:
         data = _ENCODERS[fmt](kept)
         atomic_write_bytes(Path(job.staging) / shard_path(fmt, job.split, job.index), data)
-    return {"split": job.split, "index": job.index, "sharded": len(kept), "quarantine": quarantine}
+    return {
+        "split": job.split,
+        "index": job.index,
+        "sharded": len(kept),
+        "quarantine": quarantine,
+        "node": ray.get_runtime_context().get_node_id(),  # where the work ran, for the stage metrics
+    }
 
 
 def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> bytes:

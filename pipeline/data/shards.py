@@ -66,6 +66,7 @@ class ShardMeta:
         format: "parquet", "webdataset" or "both".
         shard_size, seed: Inputs per shard and the train shuffle's seed.
         shards: {format: {split: [relative shard paths, in order]}}.
+        sizes: {split: [images in each shard, in order]} (both formats hold the same).
     """
 
     root: str
@@ -80,6 +81,7 @@ class ShardMeta:
     shard_size: int
     seed: int
     shards: dict[str, dict[str, list[str]]]
+    sizes: dict[str, list[int]]
 
     def to_json(self) -> bytes:
         """meta.json's bytes (everything but `root`)."""
@@ -103,6 +105,10 @@ class ShardMeta:
             return cls(root=root, **json.loads(raw))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{uri}: not a shard manifest written by the shard stage: {e}") from e
+
+    def file_sizes(self, split: str, fmt: str) -> dict[str, int]:
+        """Images in each shard file of `split` in `fmt`, by path (as `files` gives them)."""
+        return dict(zip(self.files(split, fmt), self.sizes[split], strict=True))
 
     def files(self, split: str, fmt: str) -> list[str]:
         """Paths (local or URI) of the shards of `split` in `fmt`, in order.
@@ -149,25 +155,29 @@ def iter_shard(uri: str, fmt: str) -> Iterator[tuple[str, int, bytes]]:
 def read_shards(
     shards_dir: str, split: str, *, fmt: str = "parquet", decode: bool = True
 ) -> ray.data.Dataset:
-    """Reads one split of a shard output as a Ray Dataset, one block per shard file.
-
-    Both formats go through `read_shard_table` in Ray tasks, one task per file, so
-    blocks stream in shard by shard, in meta.json's order (Ray Data's read_parquet may
-    plan many small files as one read task, whose rows all arrive at once).
+    """Reads one split of a shard output as a Ray Dataset (see `read_shard_files`).
 
     Args:
         shards_dir: The shard writer's output folder (local path or URI).
         split: "train" or "val".
         fmt: "parquet" or "webdataset".
         decode: Decode the JPEGs.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    return read_shard_files(ShardMeta.read(shards_dir).files(split, fmt), fmt, decode=decode)
+
+
+def read_shard_files(files: list[str], fmt: str, *, decode: bool = False) -> ray.data.Dataset:
+    """Reads shard files as a Ray Dataset, one read task and one block per file, in order.
+
+    One block per file lets rows stream in shard by shard (Ray Data's read_parquet may
+    plan many small files as one read task, whose rows all arrive at once).
 
     Returns:
         Columns key (string), label (int64) and either image ((H, W, 3) uint8 tensor)
         when `decode`, or jpeg (binary).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    files = ShardMeta.read(shards_dir).files(split, fmt)
     ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
     ds = ds.map_batches(_read_files, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="pyarrow")
     return ds.map_batches(_decode_batch, batch_format="numpy") if decode else ds

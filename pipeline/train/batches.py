@@ -1,9 +1,13 @@
-"""A training worker's input: its rows of the train shards as shuffled, augmented batches.
+"""A training worker's input: its shard files, as shuffled, augmented batches.
 
-`epoch_batches` turns the worker's Ray Data shard into shuffled batches of JPEG bytes;
-`augmented_batches` decodes and augments them (pipeline.transforms) two batches ahead of
-the model. Every random choice is a pure function of (seed, epoch, rank, step), so a
-resumed run sees exactly the batches an uninterrupted one would.
+`worker_files` gives each worker its shard files for an epoch: an exact partition, so
+every image is seen once per epoch whatever the number of workers (no row dropped or
+repeated to even the split); `step_totals` says how many images each synchronous step
+holds over all workers, so that unequal shares still give the global batch's mean.
+`epoch_batches` turns the worker's rows into shuffled batches of JPEG bytes, the last
+one partial; `augmented_batches` decodes and augments them (pipeline.transforms) two
+batches ahead of the model. Every random choice is a pure function of (seed, epoch,
+rank, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -11,13 +15,42 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.data.shards import read_shard_files
 from pipeline.transforms import Augmenter
+
+
+def worker_files(files: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """This worker's shard files for one epoch: every world-th of a seeded permutation.
+
+    The permutation changes every epoch, so each worker sees other shards each epoch;
+    the workers' lists are disjoint and together hold every file once.
+    """
+    order = np.random.default_rng([seed, epoch, world]).permutation(len(files))
+    return [files[i] for i in order[rank::world]]
+
+
+def step_totals(rows_per_rank: list[int], local_batch: int) -> list[int]:
+    """Images in each step of an epoch, summed over the workers.
+
+    Every worker takes the same number of steps (DDP's all-reduces pair up step by
+    step): as many as the largest share needs. A worker whose share has run out steps
+    on nothing, with weight 0 (`train_epoch`).
+    """
+    steps = max(-(-rows // local_batch) for rows in rows_per_rank)
+    return [
+        sum(min(local_batch, max(0, rows - k * local_batch)) for rows in rows_per_rank) for k in range(steps)
+    ]
+
+
+def torch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a worker's torch RNG (dropout) for one epoch: resuming needs no saved state."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def batch_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:
@@ -45,8 +78,23 @@ def run_ahead(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         yield item
 
 
+def shard_rows(
+    files: list[str], fmt: str, batch_size: int, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of shard `files`, in stored order, as numpy chunks ({"key", "label", "jpeg"}).
+
+    Read through Ray Data (one task per file) with preserve_order, since the batches
+    `epoch_batches` draws depend on the order; `prefetch` chunks are fetched ahead.
+    """
+    if not files:
+        return iter(())
+    ds = read_shard_files(files, fmt)
+    ds.context.execution_options.preserve_order = True
+    return ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch)
+
+
 def epoch_batches(
-    shard, batch_size: int, seed: int, epoch: int, prefetch: int = 4
+    chunks: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """This worker's train batches for one epoch ({"key", "label", "jpeg"} numpy arrays).
 
@@ -54,15 +102,15 @@ def epoch_batches(
     local_shuffle_buffer_size, which concatenates and slices the Arrow binary column for
     every batch. Rows enter the buffer one at a time in stored order and a batch is drawn
     whenever it holds `buffer + batch_size` rows, so the batches depend only on the row
-    order (fixed by the trainer's preserve_order), the seed and the epoch, not on Ray
-    Data's block sizes.
+    order (fixed with preserve_order), the seed and the epoch, not on Ray Data's block
+    sizes. Every row comes out once: the last batch holds what is left.
 
     Args:
-        shard: A Ray Data iterator (`ray.train.get_dataset_shard("train")`).
+        chunks: The worker's rows in stored order, in numpy chunks of any size
+            (`shard_rows`).
         batch_size: Images per batch on this worker.
         seed: train.seed.
         epoch: 0-based epoch; with the seed it fixes the order, fresh every epoch.
-        prefetch: Batches of JPEG bytes Ray Data fetches ahead of the shuffle buffer.
     """
     rng = np.random.default_rng([seed, epoch])
     full = max(4 * batch_size, 1024) + batch_size
@@ -78,7 +126,7 @@ def epoch_batches(
             "jpeg": as_objects,
         }
 
-    for chunk in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch):
+    for chunk in chunks:
         rows = list(zip(chunk["key"], chunk["label"].tolist(), chunk["jpeg"], strict=True))
         while rows:
             take = full - len(pool)
@@ -91,8 +139,8 @@ def epoch_batches(
                     pool[i] = pool[-1]
                     pool.pop()
                 yield batch(out)
-    order = rng.permutation(len(pool))  # the tail: whole batches only (drop_last)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+    order = rng.permutation(len(pool))  # the tail, the last batch partial
+    for start in range(0, len(order), batch_size):
         yield batch([pool[i] for i in order[start : start + batch_size]])
 
 

@@ -19,7 +19,7 @@ import torch
 from pipeline import tracking
 from pipeline.cluster import init_ray
 from pipeline.config import Params, TrainParams
-from pipeline.data.shards import QUARANTINE, ShardMeta, read_shards
+from pipeline.data.shards import QUARANTINE, ShardMeta
 from pipeline.data.stats import ColorStats
 from pipeline.storage import absolute, atomic_write_text, join, read_bytes
 from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
@@ -75,34 +75,59 @@ def check_runnable(cfg: WorkerConfig) -> None:
 
 
 def check_resources(p: TrainParams) -> None:
-    """Fails fast when the workers would reserve every CPU and starve their data feed.
+    """Fails fast when the cluster cannot host the workers and still feed them.
+
+    Each worker must fit on one node, and the workers together must leave at least one
+    CPU of the cluster to the Ray Data tasks that read and decode their shards.
+    Fractional `train.cpus_per_worker` lets several workers share a core.
 
     Raises:
-        ValueError: Naming train.num_workers and train.cpus_per_worker.
+        ValueError: Naming train.num_workers, train.cpus_per_worker and what the cluster has.
     """
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - p.num_workers * p.cpus_per_worker < 1:
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    total, reserved = sum(nodes), p.num_workers * p.cpus_per_worker
+    request = f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker}"
+    if not nodes or max(nodes) < p.cpus_per_worker:
         raise ValueError(
-            f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker} reserve every "
-            f"CPU of the Ray cluster ({total:.0f}); Ray Data needs at least one to feed them: lower "
-            "train.cpus_per_worker (a worker uses all its node's cores anyway)"
+            f"{request}: no node of the Ray cluster has {p.cpus_per_worker} CPUs (largest: "
+            f"{max(nodes, default=0):g}); lower train.cpus_per_worker"
+        )
+    if total - reserved < 1:
+        raise ValueError(
+            f"{request} reserve {reserved:g} of the Ray cluster's {total:g} CPUs; Ray Data needs at least "
+            "one to feed them: lower train.cpus_per_worker (fractions work: a worker uses all its "
+            "node's cores anyway) or train.num_workers"
         )
 
 
-def fit(train_ds, val_ds, cfg: WorkerConfig, storage_path: str, name: str):
+def check_shards(meta: ShardMeta, fmt: str, p: TrainParams) -> None:
+    """Fails fast when a worker would get no train shard (shards are split per file).
+
+    Raises:
+        ValueError: Naming the number of train shards, train.num_workers and shard.shard_size.
+    """
+    files = meta.files("train", fmt)
+    if len(files) < p.num_workers:
+        raise ValueError(
+            f"{meta.root} has {len(files)} train shard files for train.num_workers={p.num_workers}: "
+            f"every worker reads whole shard files; lower shard.shard_size (now {meta.shard_size})"
+        )
+
+
+def fit(cfg: WorkerConfig, storage_path: str, name: str):
     """Runs (or resumes) training on Ray and returns the Ray Train Result.
 
+    The workers read their own shard files (pipeline.train.batches.worker_files), so no
+    dataset goes through Ray Train's split.
+
     Args:
-        train_ds: Ray Dataset with columns key, label, jpeg (train shards).
-        val_ds: Same for the val shards.
         cfg: What every worker gets.
         storage_path: RunConfig.storage_path: an absolute folder or a shared URI.
         name: Run name; rerunning with the same (storage_path, name) resumes.
     """
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     p = cfg.train
@@ -113,18 +138,13 @@ def fit(train_ds, val_ds, cfg: WorkerConfig, storage_path: str, name: str):
             num_workers=p.num_workers,
             use_gpu=p.use_gpu,
             resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})},
+            placement_strategy=p.placement.upper(),
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train_ds, "val": val_ds},
-        # preserve_order: with fixed seeds, a resumed run sees exactly the batches an
-        # uninterrupted one would.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
     return trainer.fit()
@@ -138,6 +158,7 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
         final = load_state(d)
     history = final["history"]
     run_id = cfg.mlflow.run_id
+    mlflow.set_tag("worker_nodes", ",".join(final["placements"][-1]))
     card = ModelCard(
         arch=cfg.model,
         num_classes=cfg.num_classes,
@@ -155,6 +176,7 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
         "best_val_top1_error": min(h["val_top1_error"] for h in history),
         "epochs_run": final["epoch"],
         "mlflow_run_id": run_id,
+        "worker_nodes": final["placements"],  # per attempt, the Ray node of every worker by rank
     }
     atomic_write_text(Path(params.data.train_metrics), json.dumps(summary, indent=1))
     mlflow.log_metric("best_val_top1_error", summary["best_val_top1_error"])
@@ -176,8 +198,9 @@ def train(params: Params) -> dict:
     meta = ShardMeta.read(data.shards)
     stats = ColorStats.read(data.stats)
     uri = tracking.connect()  # before any expensive work
-    cfg = WorkerConfig(params.model, p, stats, len(meta.classes))
+    cfg = WorkerConfig(params.model, p, stats, meta, data.format)
     check_runnable(cfg)
+    check_shards(meta, data.format, p)
     model_params, train_params = dataclasses.asdict(params.model), dataclasses.asdict(p)
     key = run_key(model_params, train_params, meta.to_json(), read_bytes(data.stats))
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
@@ -185,9 +208,8 @@ def train(params: Params) -> dict:
     check_resources(p)
     run_id = _open_mlflow_run(state, params)
     cfg = dataclasses.replace(cfg, mlflow=tracking.RunRef(uri, run_id))
-    datasets = {s: read_shards(data.shards, s, fmt=data.format, decode=False) for s in ("train", "val")}
     with mlflow.start_run(run_id=run_id, log_system_metrics=params.mlflow.system_metrics):
-        result = fit(datasets["train"], datasets["val"], cfg, absolute(data.checkpoints), state.name)
+        result = fit(cfg, absolute(data.checkpoints), state.name)
         if result.error:
             raise RuntimeError(f"training failed: {result.error}") from result.error
         summary = _export(result, cfg, meta, state, params)

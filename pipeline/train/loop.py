@@ -1,11 +1,15 @@
 """What every Ray Train worker runs: data-parallel SGD-momentum epochs with checkpoints.
 
-Each worker gets its share of the train shards from Ray Data (`get_dataset_shard`),
-turns them into augmented batches (pipeline.train.batches), and DDP (gloo on CPUs, NCCL
-on GPUs) averages the gradients. Each epoch ends with validation, exact top-1/top-5
-counts summed over all workers, and a checkpoint reported through `ray.train.report`, so
-a rerun with the same storage folder resumes where it stopped and a killed worker is
-replaced from the last checkpoint (FailureConfig.max_failures).
+Each worker reads its own shard files of the epoch (pipeline.train.batches.worker_files,
+an exact partition) through Ray Data, turns them into augmented batches, and DDP (gloo on
+CPUs, NCCL on GPUs) averages the gradients. Shares may differ by a shard: all workers
+take the same number of steps, a worker whose share has run out steps on nothing with
+weight 0, and each worker's loss is weighted by its part of the step's images, so every
+step's gradient is the mean over the images of that step, however they are spread (and
+no worker ever waits on a collective another skipped). Each epoch ends with validation,
+exact top-1/top-5 counts summed over all workers, and a checkpoint reported through
+`ray.train.report`, so a rerun with the same storage folder resumes where it stopped and
+a killed worker is replaced from the last checkpoint (FailureConfig.max_failures).
 
 Optimiser: PyTorch SGD with momentum and weight decay, v <- m v + (g + wd w), w <- w - lr v.
 With a constant lr this is the paper's update (v <- 0.9 v - 0.0005 e w - e g) with v scaled
@@ -29,10 +33,19 @@ import torch.nn.functional as F
 
 from models import unwrap
 from pipeline.config import ModelParams, TrainParams
+from pipeline.data.shards import ShardMeta
 from pipeline.data.stats import ColorStats
 from pipeline.scoring import hits, top_classes
 from pipeline.tracking import RunRef
-from pipeline.train.batches import augmented_batches, epoch_batches, run_ahead
+from pipeline.train.batches import (
+    augmented_batches,
+    epoch_batches,
+    run_ahead,
+    shard_rows,
+    step_totals,
+    torch_seed,
+    worker_files,
+)
 from pipeline.train.model_card import build_network
 from pipeline.train.schedules import make_schedule
 from pipeline.transforms import Augmenter, GpuTrainAugment, TrainAugment, eval_batch
@@ -48,15 +61,22 @@ class WorkerConfig:
         model: The network's switches.
         train: The recipe, scaling and execution switches.
         stats: Normalisation and PCA-lighting statistics of the train shards.
-        num_classes: Output classes.
+        shards: The shards' manifest (where they are, which files).
+        fmt: The shard format to read (data.format).
         mlflow: Where rank 0 logs per-epoch metrics (None: not tracked).
     """
 
     model: ModelParams
     train: TrainParams
     stats: ColorStats
-    num_classes: int
+    shards: ShardMeta
+    fmt: str
     mlflow: RunRef | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes: one per class of the shards."""
+        return len(self.shards.classes)
 
 
 @dataclass
@@ -84,12 +104,13 @@ class _Sums:
         return _Sums(*t.tolist())
 
     def metrics(self, split: str) -> dict[str, float]:
-        """Mean loss and top-1/top-5 error of `split`."""
+        """Mean loss, top-1/top-5 error and the number of images of `split`."""
         n = max(self.images, 1)
         return {
             f"{split}_loss": self.loss / n,
             f"{split}_top1_error": 1 - self.top1 / n,
             f"{split}_top5_error": 1 - self.top5 / n,
+            f"{split}_images": int(self.images),
         }
 
 
@@ -97,22 +118,50 @@ def _autocast(p: TrainParams, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16")
 
 
-def _train_epoch(model, opt, batches: Iterable, p: TrainParams, device: torch.device) -> _Sums:
-    """One pass over this worker's shard."""
+def train_epoch(
+    model, opt, batches: Iterable, totals: list[int], p: TrainParams, device: torch.device
+) -> _Sums:
+    """One epoch of this worker: one SGD step per entry of `totals`.
+
+    Args:
+        model: The (DDP-wrapped) network.
+        opt: Its optimizer.
+        batches: This worker's (x (B, 3, crop, crop), y (B,)) batches; may run out before
+            `totals` does.
+        totals: Images of each step over all workers (`step_totals`).
+        p: The train params.
+        device: Where the model is.
+
+    Returns:
+        This worker's counts (`all_reduced` sums them over the workers).
+    """
     model.train()
-    sums = _Sums()
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(p, device):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sums.add(float(loss.detach()) * len(y), top_classes(logits.detach()), y)
+    sums, batches = _Sums(), iter(batches)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    for total in totals:
+        x, y = next(batches, (None, None))
+        if x is None:  # this share has run out: a step of weight 0 keeps the all-reduces paired
+            x, y = torch.zeros(1, 3, p.crop, p.crop), torch.zeros(1, dtype=torch.long)
+            weight = 0.0
+        else:
+            weight = len(y) * world / total  # DDP divides the sum by world: the step's mean
+        _step(model, opt, x, y, weight, p, device, sums)
     return sums
+
+
+def _step(model, opt, x: torch.Tensor, y: torch.Tensor, weight: float, p: TrainParams, device, sums) -> None:
+    """One SGD step on a (B, 3, crop, crop) batch whose mean loss counts `weight` times."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(p, device):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    (loss * weight if weight != 1.0 else loss).backward()
+    opt.step()
+    if weight:
+        sums.add(float(loss.detach()) * len(y), top_classes(logits.detach()), y)
 
 
 @torch.no_grad()
@@ -135,17 +184,17 @@ def _validate(model, loader: Iterable, cfg: WorkerConfig, device: torch.device, 
     return sums
 
 
-def save_state(path: Path, model, opt, sched, history: list[dict], restarts: int, cfg: WorkerConfig) -> None:
+def save_state(path: Path, run: _Run, cfg: WorkerConfig) -> None:
     """Writes a training checkpoint's state file (tensors and plain data only)."""
     torch.save(
         {
-            "model": unwrap(model).state_dict(),
-            "optimizer": opt.state_dict(),
-            "schedule": sched.state_dict(),
-            "epoch": len(history),
-            "history": history,
-            "restarts": restarts,
-            "torch_rng": torch.get_rng_state(),
+            "model": unwrap(run.model).state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "schedule": run.sched.state_dict(),
+            "epoch": len(run.history),
+            "history": run.history,
+            "restarts": run.restarts,
+            "placements": run.placements,
             "params": {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)},
         },
         path / STATE_FILE,
@@ -159,13 +208,18 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 @dataclass
 class _Run:
-    """One worker's training state: what a checkpoint saves and restores."""
+    """One worker's training state: what a checkpoint saves and restores.
+
+    `placements` holds, per attempt (restarts count them), the Ray node id of every
+    worker by rank: where the run actually trained.
+    """
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: Any
-    history: list[dict[str, float]]
-    restarts: int
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    restarts: int = 0
+    placements: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 def _start_or_resume(cfg: WorkerConfig) -> _Run:
@@ -179,7 +233,7 @@ def _start_or_resume(cfg: WorkerConfig) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     sched = make_schedule(p)
     opt = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    run = _Run(model, opt, sched, [], 0)
+    run = _Run(model, opt, sched)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -187,9 +241,22 @@ def _start_or_resume(cfg: WorkerConfig) -> _Run:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        run.history, run.restarts = state["history"], state["restarts"] + 1
+        run.history, run.placements = state["history"], state["placements"]
+        run.restarts = state["restarts"] + 1
+    run.placements = [*run.placements, _worker_nodes()]
     return run
+
+
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every worker, by rank (gathered from all workers)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node]
+    nodes: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _make_augment(cfg: WorkerConfig, device: torch.device) -> Augmenter:
@@ -204,16 +271,23 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     import ray.train
 
     ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     p, epoch = cfg.train, len(run.history)
-    local_batch = p.batch_size // ctx.get_world_size()
+    local_batch = p.batch_size // world
     run.sched.apply(run.opt)
+    torch.manual_seed(torch_seed(p.seed, epoch, rank))  # dropout
     t0 = time.perf_counter()
-    batches = epoch_batches(ray.train.get_dataset_shard("train"), local_batch, p.seed, epoch)
-    batches = augmented_batches(batches, augment, p.seed, epoch, ctx.get_world_rank())
-    tr = _train_epoch(model, run.opt, batches, p, device).all_reduced(device)
+    sizes = cfg.shards.file_sizes("train", cfg.fmt)
+    shares = [worker_files(list(sizes), p.seed, epoch, r, world) for r in range(world)]
+    totals = step_totals([sum(sizes[f] for f in share) for share in shares], local_batch)
+    batches = epoch_batches(shard_rows(shares[rank], cfg.fmt, local_batch), local_batch, p.seed, epoch)
+    batches = augmented_batches(batches, augment, p.seed, epoch, rank)
+    tr = train_epoch(model, run.opt, batches, totals, p, device).all_reduced(device)
     train_time = time.perf_counter() - t0
-    val_loader = ray.train.get_dataset_shard("val").iter_batches(batch_size=local_batch, batch_format="numpy")
-    va = _validate(model, val_loader, cfg, device, augment).all_reduced(device)
+    val_files = cfg.shards.files("val", cfg.fmt)[rank::world]
+    val_rows = shard_rows(val_files, cfg.fmt, local_batch)
+    # The bare network: DDP's forward may take part in collectives, and val shares differ.
+    va = _validate(unwrap(model), val_rows, cfg, device, augment).all_reduced(device)
     return {
         "epoch": epoch + 1,
         "lr": run.sched.lr,
@@ -232,7 +306,7 @@ def _checkpoint(run: _Run, metrics: dict[str, float], cfg: WorkerConfig) -> None
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            save_state(Path(tmp), run.model, run.opt, run.sched, run.history, run.restarts, cfg)
+            save_state(Path(tmp), run, cfg)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
@@ -248,11 +322,13 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     """
     import ray.train
     import ray.train.torch
+    from ray.data import DataContext
 
     from pipeline.tracking import EpochLogger
 
     cfg = config["worker"]
     ctx = ray.train.get_context()
+    DataContext.get_current().enable_progress_bars = False  # the stage prints one line per epoch
     # Every core of this node's share, not just the CPUs reserved from Ray: the reservation
     # must leave CPUs for the Ray Data tasks that feed the workers.
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))

@@ -1,0 +1,81 @@
+"""Data parallelism with real Ray Train and gloo: two workers equal one, every image counted once."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models import unwrap
+from pipeline.config import ModelParams, TrainParams
+from pipeline.train.batches import step_totals
+from pipeline.train.loop import train_epoch
+from pipeline.train.model_card import build_network
+
+MODEL = ModelParams(width=0.125, dropout=0.0, init="kaiming")  # no dropout: steps are deterministic
+RECIPE = TrainParams(batch_size=8, crop=67, lr=0.05, num_workers=2, cpus_per_worker=0.5)
+
+
+# Which images of a fixed set of 12 each worker steps on: (start, end) per step. Two steps
+# of the global batch of 8: the second holds the 4 left. With two workers the first step
+# is split evenly (the batch split of the loop) and the second falls to worker 0 alone,
+# as when the shares of an epoch differ: worker 1 then steps on nothing.
+PLANS = {1: [[(0, 8), (8, 12)]], 2: [[(0, 4), (8, 12)], [(4, 8)]]}
+TOTALS = step_totals([12], RECIPE.batch_size)  # [8, 4], whatever the number of workers
+
+
+def two_steps(config: dict) -> None:
+    """Ray Train worker: this worker's part of two steps on fixed images."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, RECIPE.crop, RECIPE.crop, generator=g)  # (12, 3, 67, 67)
+    y = torch.randint(0, 3, (12,), generator=g)
+    batches = [(x[a:b], y[a:b]) for a, b in PLANS[world][rank]]
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(build_network(MODEL, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=0.9, weight_decay=5e-4)
+    sums = train_epoch(model, opt, batches, TOTALS, RECIPE, torch.device("cpu"))
+    counted = sums.all_reduced(torch.device("cpu")).images
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            torch.save(unwrap(model).state_dict(), Path(tmp) / "weights.pt")
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"images": counted}, checkpoint=checkpoint)
+
+
+def step_weights(workers: int, storage: Path) -> tuple[dict[str, torch.Tensor], float]:
+    import ray.train
+    from ray import cloudpickle
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    result = TorchTrainer(
+        two_steps,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name=f"two-steps-{workers}", storage_path=str(storage)),
+    ).fit()
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "weights.pt", weights_only=True), result.metrics["images"]
+
+
+def test_step_totals_pair_every_workers_steps() -> None:
+    assert step_totals([12], 8) == [8, 4]
+    assert step_totals([8, 4], 4) == [8, 4]  # worker 1 steps on nothing in the second step
+    assert step_totals([5, 5, 0], 2) == [4, 4, 2]  # a worker without rows still steps
+
+
+def test_two_workers_steps_equal_one_workers(ray_local: None, tmp_path: Path) -> None:
+    one, n_one = step_weights(1, tmp_path)
+    two, n_two = step_weights(2, tmp_path)
+    assert n_one == n_two == 12  # counts summed over workers: every image once
+    torch.manual_seed(0)
+    start = build_network(MODEL, 3).state_dict()
+    assert any(not torch.equal(one[k], start[k]) for k in one), "the step changed nothing"
+    for k in one:  # each step's gradient is the mean over its images, however they are spread
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
