@@ -146,7 +146,19 @@ def write_shards(
             f"{metrics['bad_fraction']:.4%}) > max_bad_fraction={settings.max_bad_fraction}; "
             f"see {out / QUARANTINE}"
         )
-    meta = ShardMeta(
+    meta = _manifest(out, classes, names, settings, plan, results, metrics)
+    atomic_write_bytes(staging / META, meta.to_json())
+    publish_dir(staging, out)
+    return metrics
+
+
+def _manifest(
+    out: Path, classes: Sequence[str], names: Sequence[str] | None, settings: ShardParams,
+    plan: dict[str, list[list[Record]]], results: list[dict], metrics: dict,
+) -> ShardMeta:  # fmt: skip
+    """meta.json of a complete output: classes, counts, settings, every shard and its size."""
+    formats = FMT_CHOICES[settings.format]
+    return ShardMeta(
         root=str(out),
         classes=list(classes),
         names=list(names if names is not None else classes),
@@ -161,9 +173,6 @@ def write_shards(
         shards={f: {s: [shard_path(f, s, i) for i in range(len(plan[s]))] for s in SPLITS} for f in formats},
         sizes={s: [r["sharded"] for r in results if r["split"] == s] for s in SPLITS},  # results in job order
     )
-    atomic_write_bytes(staging / META, meta.to_json())
-    publish_dir(staging, out)
-    return metrics
 
 
 def _fresh_staging(out: Path, formats: tuple[str, ...]) -> Path:
