@@ -1,7 +1,8 @@
 """ImageNet straight from its archives: the official tars and Kaggle's zip, read in place.
 
-Tiny archives are built here from the trees of test_imagenet.py, locally and on a real
-S3 server (moto). test_archive_index.py tests the tar and zip indexes alone.
+Tiny archives are built here from the trees of test_imagenet.py (a second writer beside
+`pipeline.data.sample_archives`, which the sample tests at the end use), locally and on
+a real S3 server (moto). test_archive_index.py tests the tar and zip indexes alone.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import dataclasses
 import gzip
 import io
+import json
 import re
 import tarfile
 import uuid
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from conftest import run_stage, write_params
 from test_imagenet import TRAIN, VAL, image_bytes, make_imagenet, summary, val_name, write_meta_mat
 from test_shards import BAD_FILES, digest, quirk_files
 
 from cli.services import S3Server
-from pipeline.config import ShardParams
+from pipeline.config import SampleParams, ShardParams
 from pipeline.data.catalog import is_image_name
 from pipeline.data.ilsvrc_names import (
     DEVKIT,
@@ -39,6 +42,7 @@ from pipeline.data.ilsvrc_names import (
 )
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.records import Catalog, read_record
+from pipeline.data.sample import generate_sample
 from pipeline.data.shard_writer import write_shards
 from pipeline.data.shards import ShardMeta
 
@@ -370,3 +374,43 @@ def test_archives_on_s3(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest
         assert summary(remote.records) == summary(local.records) and remote.quarantine == []
         assert all(r.path.startswith(f"s3://{bucket}/{folder}/") for r in remote.records)
         assert [read_record(r) for r in remote.records] == [read_record(r) for r in local.records]
+
+
+# --- the sample stage writes archives; the shard stage reads them -----------------------
+
+
+def test_sample_archives_are_deterministic_and_ingest_like_the_tree(tmp_path: Path) -> None:
+    params = SampleParams(num_classes=3, train_per_class=4, val_per_class=2)
+    roots = {}
+    for layout in ("tree", "archives", "kaggle_zip"):
+        summary_ = generate_sample(tmp_path / layout, dataclasses.replace(params, layout=layout))
+        roots[layout] = Path(summary_["root"])
+        assert sorted(p.name for p in roots[layout].iterdir()) == sorted(summary_["files"])
+    assert sorted(summary_["files"]) == [KAGGLE_ZIP]
+    assert sorted(p.name for p in roots["archives"].iterdir()) == sorted([TRAIN_TAR, VAL_TAR, DEVKIT])
+    generate_sample(tmp_path / "again", dataclasses.replace(params, layout="archives"))
+    assert digest(tmp_path / "again") == digest(roots["archives"])
+    with tarfile.open(roots["archives"] / TRAIN_TAR) as tar:
+        assert all(m.mtime == 1338508800 and m.uid == 0 and not m.uname for m in tar)
+    catalogs = {layout: ingest_imagenet(str(root)) for layout, root in roots.items()}
+    for layout in ("archives", "kaggle_zip"):
+        assert summary(catalogs[layout].records) == summary(catalogs["tree"].records)
+        assert catalogs[layout].names == catalogs["tree"].names
+        assert [read_record(r) for r in catalogs[layout].records] == [
+            read_record(r) for r in catalogs["tree"].records
+        ]
+
+
+def test_shard_stage_reads_the_sample_stages_archives(tiny_inputs: Path, tmp_path: Path) -> None:
+    write_params(tmp_path, {"sample": {"layout": "archives"}})
+    run_stage(tmp_path, "sample")
+    assert sorted(p.name for p in (tmp_path / "data" / "sample").iterdir()) == sorted(
+        [TRAIN_TAR, VAL_TAR, DEVKIT]
+    )
+    run_stage(tmp_path, "shard")
+    out, expected = tmp_path / "data" / "shards", tiny_inputs / "data" / "shards"
+    assert shard_files(out) == shard_files(expected)  # byte-identical to the tree's shards
+    assert meta_without_root(out) == meta_without_root(expected)
+    metrics = json.loads((tmp_path / "metrics" / "shard.json").read_text())
+    assert metrics["inputs"] == json.loads((tiny_inputs / "metrics" / "shard.json").read_text())["inputs"]
+    assert (out / "quarantine.csv").read_text() == "split,path,reason\n"
