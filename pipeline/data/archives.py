@@ -109,7 +109,7 @@ def _index_train(uri: str) -> tuple[dict[str, list[Found]], list[QuarantineRow]]
     outer = index_tar(handle, 0, archive.size, fetch)
     quarantine = _damage_row("train", uri, outer)
     class_tars: dict[str, TarMember] = {}
-    for member, problem in _regular_members(outer.members):
+    for member, problem in _usable_members(outer.members):
         name = member.name
         if problem is None and not (_is_flat(name) and name.endswith(".tar") and len(name) > 4):
             problem = f"{OUTSIDE}: expected <wnid>.tar"
@@ -144,7 +144,7 @@ def _flat_images(
 ) -> tuple[list[Found], list[QuarantineRow]]:
     """A tar's images (regular files with image names, no folders) and quarantine rows."""
     images, quarantine = [], _damage_row(split, base, listing)
-    for member, problem in _regular_members(listing.members):
+    for member, problem in _usable_members(listing.members):
         if problem is None and not (_is_flat(member.name) and is_image_name(member.name)):
             problem = f"{OUTSIDE}: expected an image file name without folders"
         if problem is None:
@@ -155,9 +155,9 @@ def _flat_images(
     return images, quarantine
 
 
-def _regular_members(members: Sequence[TarMember]) -> list[tuple[TarMember, str | None]]:
+def _usable_members(members: Sequence[TarMember]) -> list[tuple[TarMember, str | None]]:
     """(member, None) for each usable member, (member, reason) for the others: not a
-    regular file, or replaced by a later member of the same name."""
+    whole regular file, or replaced by a later member of the same name."""
     last = {m.name: i for i, m in enumerate(members)}
     out = []
     for i, m in enumerate(members):
@@ -165,7 +165,7 @@ def _regular_members(members: Sequence[TarMember]) -> list[tuple[TarMember, str 
             replaced_by = members[last[m.name]].offset
             out.append((m, f"duplicate name: the member at byte {replaced_by} replaces it"))
         else:
-            out.append((m, None if m.problem is None else f"not a regular file: {m.problem}"))
+            out.append((m, m.problem))
     return out
 
 

@@ -32,7 +32,7 @@ class TarMember:
         offset: Its first data byte, in the archive file.
         size: Its data bytes.
         problem: None for a whole regular file; else why it cannot be an input
-            ("symbolic link to x", "truncated: ...").
+            ("not a regular file: symbolic link to 'x'", "truncated: ...").
     """
 
     name: str
@@ -84,6 +84,16 @@ def index_tar(handle: pa.NativeFile, start: int, length: int, fetch: int) -> Tar
 
 def _problem(info: tarfile.TarInfo, length: int) -> str | None:
     """Why a member cannot be an input, or None for a whole regular file."""
+    kind = _kind(info)
+    if kind is not None:
+        return f"not a regular file: {kind}"
+    if info.offset_data + info.size > length:
+        return f"truncated: its {info.size} bytes run past the end of the tar"
+    return None
+
+
+def _kind(info: tarfile.TarInfo) -> str | None:
+    """What a member is if not a regular file, else None."""
     if info.issym():
         return f"symbolic link to {info.linkname!r}"
     if info.islnk():
@@ -96,6 +106,4 @@ def _problem(info: tarfile.TarInfo, length: int) -> str | None:
         return "FIFO"
     if info.issparse() or not info.isreg():
         return f"tar member of type {info.type!r}"
-    if info.offset_data + info.size > length:
-        return f"truncated: its {info.size} bytes run past the end of the tar"
     return None
