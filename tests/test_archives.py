@@ -219,6 +219,7 @@ def _bad_val(tar: tarfile.TarFile) -> None:
     add(tar, "sub/ILSVRC2012_val_00000010.JPEG", image_bytes(4))
     add(tar, "notes.txt", b"text")
     add(tar, "fifo.JPEG", kind=tarfile.FIFOTYPE)
+    add(tar, "\udcff\udcfe.JPEG", image_bytes(5))  # the bytes ff fe: not UTF-8
 
 
 def test_bad_members_are_quarantined_and_nothing_is_written(ray_local: None, tmp_path: Path) -> None:
@@ -236,7 +237,7 @@ def test_bad_members_are_quarantined_and_nothing_is_written(ray_local: None, tmp
         ("val", f"{val}/../escape.JPEG"), ("val", f"{val}//tmp/escape.JPEG"),
         ("val", f"{val}/ILSVRC2012_val_00000009.JPEG"), ("val", f"{val}/sub"),
         ("val", f"{val}/sub/ILSVRC2012_val_00000010.JPEG"), ("val", f"{val}/notes.txt"),
-        ("val", f"{val}/fifo.JPEG"),
+        ("val", f"{val}/fifo.JPEG"), ("val", f"{val}/\\xff\\xfe.JPEG"),
     ])  # fmt: skip
     why = {p.removeprefix(f"{raw}/"): r for _, p, r in rows}
     assert why[f"{TRAIN_TAR}/n04000004.tar"].startswith("damaged tar:")
@@ -254,8 +255,8 @@ def test_bad_members_are_quarantined_and_nothing_is_written(ray_local: None, tmp
     kept = next(r for r in catalog.records if r.key == "n01000001_0")
     assert read_record(kept) == image_bytes(99)
     metrics = shard(catalog, tmp_path / "out", max_bad_fraction=0.9)
-    assert metrics["quarantined"] == {"train": 6, "val": 7}
-    assert metrics["inputs"] == {"train": 6 + 7, "val": 7 + 4}
+    assert metrics["quarantined"] == {"train": 6, "val": 8}
+    assert metrics["inputs"] == {"train": 6 + 7, "val": 8 + 4}
     for split in ("train", "val"):
         assert metrics["inputs"][split] == metrics["sharded"][split] + metrics["quarantined"][split]
     assert reasons(tmp_path / "out") == rows

@@ -116,7 +116,7 @@ def _index_train(uri: str) -> tuple[dict[str, list[Found]], list[QuarantineRow]]
         if problem is None:
             class_tars[name.removesuffix(".tar")] = member
         else:
-            quarantine.append(("train", join(uri, name), problem))
+            quarantine.append(("train", _shown(uri, name), problem))
     with ThreadPoolExecutor(INDEX_THREADS) as pool:
         listings = list(pool.map(lambda m: index_tar(handle, m.offset, m.size, fetch), class_tars.values()))
     train: dict[str, list[Found]] = {}
@@ -146,12 +146,12 @@ def _flat_images(
     images, quarantine = [], _damage_row(split, base, listing)
     for member, problem in _usable_members(listing.members):
         if problem is None and not (_is_flat(member.name) and is_image_name(member.name)):
-            problem = f"{OUTSIDE}: expected an image file name without folders"
+            problem = f"{OUTSIDE}: expected a printable image file name, no folders"
         if problem is None:
             location = Location(archive, member.offset, member.size)
             images.append(Found(member.name, join(base, member.name), location))
         else:
-            quarantine.append((split, join(base, member.name), problem))
+            quarantine.append((split, _shown(base, member.name), problem))
     return images, quarantine
 
 
@@ -174,8 +174,14 @@ def _damage_row(split: str, uri: str, listing: TarListing) -> list[QuarantineRow
 
 
 def _is_flat(name: str) -> bool:
-    """A plain file name: no folder, no "..", not hidden-empty, no backslash."""
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+    """A plain file name: printable (so valid UTF-8: undecodable bytes are not), no
+    folder, no backslash, not "." or ".."."""
+    return name.isprintable() and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _shown(base: str, name: str) -> str:
+    """The report path of a member: its name's undecodable bytes written as \\xNN."""
+    return join(base, name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def ingest_kaggle_zip(uri: str) -> Catalog:
@@ -204,7 +210,7 @@ def ingest_kaggle_zip(uri: str) -> Catalog:
             replaced_by = entries[last[entry.name]].header_offset
             problem = f"duplicate name: the entry at byte {replaced_by} replaces it"
         if problem is not None:
-            quarantine.append((split, join(uri, entry.name), problem))
+            quarantine.append((split, _shown(uri, entry.name), problem))
             continue
         image = Found(entry.name.rsplit("/", 1)[-1], join(uri, entry.name), _zip_location(archive, entry))
         if split == "train":
