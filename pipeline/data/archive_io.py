@@ -164,7 +164,7 @@ def _decode_zip(data: bytes, coding: ZipCoding, where: str) -> bytes:
         except zlib.error as err:
             raise OSError(f"{where}: bad deflate stream: {err}") from None
         if not inflater.eof:
-            raise OSError(f"{where}: deflate stream does not end within its {coding.file_size} bytes")
+            raise OSError(f"{where}: deflate stream cut short or longer than its {coding.file_size} bytes")
     if len(data) != coding.file_size:
         raise OSError(f"{where}: {len(data)} bytes, the central directory says {coding.file_size}")
     if zlib.crc32(data) != coding.crc32:
