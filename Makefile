@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/archives.py
 
 clean:
 	rm -rf data artifacts metrics plots mlflow.db mlruns

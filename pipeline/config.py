@@ -57,14 +57,15 @@ class DataParams(_Section):
     """Where every file of the pipeline lives (paths are defined here and nowhere else).
 
     `raw` may be a local path or a pyarrow.fs URI (s3://, gs://) so a cluster can read
-    ImageNet from object storage. It equals `sample` by default; pointing it at a real
-    ImageNet tree leaves the sample stage writing only its own folder.
+    ImageNet from object storage, as a tree, the official archives or Kaggle's zip. It
+    equals `sample` by default; pointing it at a real ImageNet leaves the sample stage
+    writing only its own folder.
     """
 
     SECTION = "data"
 
     sample: str = "data/sample"  # where the sample stage writes the embedded sample
-    raw: str = "data/sample"  # the ILSVRC-2012 tree the shard stage reads
+    raw: str = "data/sample"  # the ILSVRC-2012 tree or archives the shard stage reads
     shards: str = "data/shards"
     stats: str = "data/stats.json"
     format: Literal["parquet", "webdataset"] = "parquet"  # the shard format training reads
@@ -86,6 +87,8 @@ class SampleParams(_Section):
     train_per_class: int = field(default=300, metadata=_range(2, MAX_TRAIN_PER_CLASS))
     val_per_class: int = field(default=50, metadata=_range(1, MAX_VAL_PER_CLASS))
     seed: int = field(default=0, metadata=_range(0))
+    # tree: train/ and val/ folders; archives: the official tars; kaggle_zip: Kaggle's zip
+    layout: Literal["tree", "archives", "kaggle_zip"] = "tree"
 
 
 @dataclass(frozen=True)

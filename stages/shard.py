@@ -1,4 +1,4 @@
-"""DVC stage `shard`: ImageNet (or CIFAR-10) tree -> resized Parquet/WebDataset shards on Ray."""
+"""DVC stage `shard`: ImageNet (tree or archives) or CIFAR-10 -> resized Parquet/WebDataset shards on Ray."""
 
 import json
 
@@ -20,7 +20,12 @@ def main() -> None:
     warm_workers()  # the workers import torch while the driver lists data.raw
     catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
     metrics = write_shards(
-        catalog.records, data.shards, classes=catalog.classes, names=catalog.names, settings=s
+        catalog.records,
+        data.shards,
+        classes=catalog.classes,
+        names=catalog.names,
+        settings=s,
+        quarantined=catalog.quarantine,
     )
     atomic_write_text(data.shard_metrics, json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))

@@ -74,8 +74,9 @@ def make_imagenet(root: Path, val_form: str = "folders", train: dict[str, int] =
     return root
 
 
-def write_meta_mat(path: Path) -> None:
-    """A devkit-like meta.mat: the leaf classes plus one non-leaf synset (ID 4)."""
+def write_meta_mat(path: Path | io.BytesIO, words: dict[str, str] | None = None) -> None:
+    """A devkit-like meta.mat: the leaf classes plus one non-leaf synset (ID 4); the
+    words of a class are `words[wnid]`, by default "words <wnid>"."""
     fields = [
         "ILSVRC2012_ID",
         "WNID",
@@ -90,7 +91,8 @@ def write_meta_mat(path: Path) -> None:
     entries = [*DEVKIT_IDS.items(), ("n09999999", 4)]
     for row, (wnid, sid) in enumerate(entries):
         synsets[row, 0] = (
-            np.array([[sid]]), np.array([wnid]), np.array([f"words {wnid}"]), np.array(["gloss"]),
+            np.array([[sid]]), np.array([wnid]), np.array([(words or {}).get(wnid, f"words {wnid}")]),
+            np.array(["gloss"]),
             np.array([[0]]), np.zeros((1, 0)), np.array([[0]]), np.array([[10]]),
         )  # fmt: skip
     scipy.io.savemat(path, {"synsets": synsets})

@@ -30,6 +30,10 @@ holds them all.
 Everything is a pure function of the parameters: every image draws from its own
 ``numpy.random.SeedSequence([seed, split, ...])`` stream, and no time or global state
 is used, so the same parameters give byte-identical files.
+
+``sample.layout`` other than ``tree`` packs the tree into the archives people download
+instead (:mod:`pipeline.data.sample_archives`): the official tars and devkit
+(``archives``) or Kaggle's zip (``kaggle_zip``); ``out_dir`` then holds only those.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.ilsvrc import NUM_SYNSETS
+from pipeline.data.sample_archives import pack_sample
 from pipeline.data.sample_render import Box, render
 from pipeline.data.sample_shapes import DESIGNS, Design
 from pipeline.storage import publish_dir
@@ -287,13 +292,14 @@ def generate_sample(out_dir: Path | str, params: SampleParams) -> dict:
         out_dir: Where the tree goes (missing parent folders are created).
         params: The ``sample`` section: ``num_classes`` (2 to 1000, picked evenly from
             the 1000 synsets), ``train_per_class`` (2 to 1300), ``val_per_class`` (1 to
-            50) and ``seed`` (any integer >= 0; equal params give byte-identical files).
+            50), ``seed`` (any integer >= 0; equal params give byte-identical files)
+            and ``layout`` (tree, archives or kaggle_zip).
 
     Returns:
-        A summary: ``root``, ``seed``, ``num_classes``, ``train_images``,
-        ``val_images``, ``classes`` (wnids, class index order), ``designs`` (what each
-        class shows) and ``quirks`` (PNG and CMYK file paths, greyscale and progressive
-        counts).
+        A summary: ``root``, ``layout``, ``files`` (the names in ``root``), ``seed``,
+        ``num_classes``, ``train_images``, ``val_images``, ``classes`` (wnids, class
+        index order), ``designs`` (what each class shows) and ``quirks`` (PNG and CMYK
+        file paths as in the tree, greyscale and progressive counts).
 
     """
     num_classes, seed = params.num_classes, params.seed
@@ -303,18 +309,28 @@ def generate_sample(out_dir: Path | str, params: SampleParams) -> dict:
     wnids = [wnid for wnid, _ in classes]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    packed = tmp.with_name(f"{tmp.name}-{params.layout}")
     tmp.mkdir()
     tally = _Tally()
     try:
         (tmp / MAPPING_FILE).write_text("".join(f"{w} {n}\n" for w, n in classes), encoding="utf-8")
         _write_train(tmp, seed, wnids, train_per_class, tally)
         _write_val(tmp, seed, wnids, val_per_class, tally)
-        publish_dir(tmp, out_dir)
+        if params.layout == "tree":
+            files = sorted(p.name for p in tmp.iterdir())
+            publish_dir(tmp, out_dir)
+        else:
+            files = pack_sample(tmp, packed, params.layout, seed)
+            shutil.rmtree(tmp)
+            publish_dir(packed, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(packed, ignore_errors=True)
         raise
     return {
         "root": str(out_dir),
+        "layout": params.layout,
+        "files": files,
         "seed": seed,
         "num_classes": num_classes,
         "train_images": num_classes * train_per_class,

@@ -41,9 +41,9 @@ from tqdm import tqdm
 from pipeline.cluster import cluster_cpus
 from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
-from pipeline.data.records import SPLITS, Record
+from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
 from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, shard_path
-from pipeline.storage import atomic_write_bytes, publish_dir, read_bytes
+from pipeline.storage import atomic_write_bytes, publish_dir
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
 QUARANTINE_HEADER = ("split", "path", "reason")
@@ -95,6 +95,7 @@ def write_shards(
     classes: Sequence[str],
     names: Sequence[str] | None = None,
     settings: ShardParams,
+    quarantined: Sequence[QuarantineRow] = (),
     max_in_flight: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -110,6 +111,8 @@ def write_shards(
         names: Human-readable class names in label order; defaults to `classes`.
         settings: The `shard` params: image size, quality, format, shard size, shuffle
             seed, bad-file limit (`source` is the caller's business).
+        quarantined: Inputs ingestion already quarantined (`Catalog.quarantine`):
+            reported and counted as inputs with the shard tasks' own.
         max_in_flight: Most shard tasks pending at once; default twice the cluster CPUs.
         progress: Show a tqdm bar (images, images/s).
 
@@ -135,14 +138,14 @@ def write_shards(
     ]
     start = time.perf_counter()
     results = _run_jobs(jobs, max_in_flight, progress)
-    metrics, bad_rows = _summarise(plan, results, time.perf_counter() - start)
+    metrics, bad_rows = _summarise(plan, results, time.perf_counter() - start, quarantined)
     _write_quarantine(staging / QUARANTINE, bad_rows)
     if metrics["bad_fraction"] > settings.max_bad_fraction:
         for f in formats:
             shutil.rmtree(staging / f)
         publish_dir(staging, out)
         raise TooManyBadFilesError(
-            f"{len(bad_rows)} of {len(records)} inputs quarantined (bad fraction "
+            f"{len(bad_rows)} of {sum(metrics['inputs'].values())} inputs quarantined (bad fraction "
             f"{metrics['bad_fraction']:.4%}) > max_bad_fraction={settings.max_bad_fraction}; "
             f"see {out / QUARANTINE}"
         )
@@ -186,11 +189,14 @@ def _fresh_staging(out: Path, formats: tuple[str, ...]) -> Path:
 
 
 def _summarise(
-    plan: dict[str, list[list[Record]]], results: list[dict], seconds: float
+    plan: dict[str, list[list[Record]]],
+    results: list[dict],
+    seconds: float,
+    quarantined: Sequence[QuarantineRow],
 ) -> tuple[dict, list[tuple[str, str, str]]]:
-    """The stage's metrics and every quarantine row, from the shard tasks' results."""
-    inputs = {s: sum(len(r) for r in plan[s]) for s in SPLITS}
-    bad_rows = [row for r in results for row in r["quarantine"]]
+    """The stage's metrics and every quarantine row: ingestion's, then the shard tasks'."""
+    inputs = {s: sum(len(r) for r in plan[s]) + sum(row[0] == s for row in quarantined) for s in SPLITS}
+    bad_rows = [*quarantined, *(row for r in results for row in r["quarantine"])]
     total = sum(inputs.values())
     metrics = {
         "inputs": inputs,
@@ -250,7 +256,7 @@ def _write_shard(job: _ShardJob) -> dict:
     quarantine = []
     for rec in job.records:
         try:
-            data = rec.pixels if rec.pixels is not None else read_bytes(rec.path)
+            data = rec.pixels if rec.pixels is not None else read_record(rec)
         except OSError as err:
             quarantine.append((rec.split, rec.path, f"unreadable file: {err}"))
             continue
