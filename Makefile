@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test ui lint bench clean
+.PHONY: install run test ui lint bench clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: $(STAMP)
 ## The MLflow UI over the local store, on 127.0.0.1 only.
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+## A real multi-node Ray cluster on this machine (root): a head and WORKERS worker nodes, each
+## `ray start` in its own network namespace; writes cluster.env. See cli/localcluster.py.
+WORKERS ?= 1
+CPUS_PER_NODE ?= 2
+cluster-up: $(STAMP)
+	$(PY) -m cli.localcluster up --workers $(WORKERS) --cpus-per-node $(CPUS_PER_NODE)
+
+## Stops every process cluster-up started, removes its namespaces, links, temp dirs and cluster.env.
+cluster-down: $(STAMP)
+	$(PY) -m cli.localcluster down
 
 lint: $(STAMP)
 	ruff check pipeline stages models cli tests benchmarks
