@@ -23,7 +23,7 @@ they do on a real cluster, on the head node: cluster.env puts first on PATH a `p
 runs the venv's python inside the head's namespace (`ip netns exec`); `dvc repro` runs its
 stages with `python`, so every stage is a driver on the head node, and
 `pipeline.cluster.init_ray` refuses, with a message, a driver whose node address is not its
-own. Job clients (`pipeline.submit`) need no such thing: they talk HTTP to the head's
+own. Job clients (`cli.submit`) need no such thing: they talk HTTP to the head's
 dashboard through the bridge. Not chosen: the head in the host's namespace on the bridge
 address, or an extra driver-only node there (Ray's servers would listen on the host's
 public interfaces too), and Ray Client (a proxy in which Ray Data and Ray Train do not run

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from pipeline.cluster import use_token_auth_if_available
 from pipeline.config import load_params
 
 if TYPE_CHECKING:
@@ -66,17 +67,6 @@ def runtime_env(working_dir: Path, pip: bool) -> dict[str, Any]:
     if pip:
         env["pip"] = pinned_requirements()
     return env
-
-
-def use_token_if_available() -> None:
-    """Turns on Ray's token auth for this client when a token is at hand.
-
-    Ray 2.60 clusters require a token by default, and `ray start` stores one in
-    ~/.ray/auth_token, but the job client only sends it with RAY_AUTH_MODE=token.
-    """
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def dvc_stages(dvc_file: Path = ROOT / "dvc.yaml") -> dict[str, str]:
@@ -126,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file for the job")
     parser.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray dashboard address (default: RAY_ADDRESS)",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="the dashboard's URL or the head's GCS address (default: RAY_API_SERVER_ADDRESS, "
+        "else RAY_ADDRESS; Ray's job client lets those two override this)",
     )
     parser.add_argument("--no-pip", action="store_true", help="the cluster already has the dependencies")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -135,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.address:
         parser.error("no cluster: set RAY_ADDRESS or pass --address (e.g. http://127.0.0.1:8265)")
     params = load_params(args.params)  # a bad params file fails here, before anything is uploaded
-    use_token_if_available()  # before Ray is imported: it reads the auth mode once
+    use_token_auth_if_available()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     local = [p for p in (params.data.shards, params.data.checkpoints) if "://" not in p]

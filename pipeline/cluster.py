@@ -9,8 +9,13 @@ def init_ray() -> None:
     """Starts or joins Ray once per process.
 
     With RAY_ADDRESS set (by the user, or by `ray job submit` for the job's driver) the
-    stage joins that cluster; otherwise it starts its own local instance, never silently
-    attaching to some other cluster running on the machine.
+    stage joins that cluster, with Ray's token auth on when a token is at hand; otherwise it
+    starts its own local instance, never silently attaching to some other cluster running on
+    the machine.
+
+    Raises:
+        RuntimeError: When Ray made this process the driver of a node whose address is not
+            one of this process's own (see `_require_own_node`).
     """
     import ray
     from ray.data import DataContext
@@ -18,7 +23,9 @@ def init_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
+            use_token_auth_if_available()
             ray.init(address=address)
+            _require_own_node(address)
         else:
             ray.init(address="local", include_dashboard=False)
     # Per-operator bars flood DVC's log; the stages print their own progress.
@@ -31,3 +38,48 @@ def cluster_cpus() -> int:
 
     init_ray()
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def use_token_auth_if_available() -> None:
+    """Turns on Ray's token auth for this process when RAY_AUTH_MODE is unset and a token is at
+    hand (RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token).
+
+    Ray 2.60 applies this rule itself only to a local cluster it finds on its own, never to an
+    explicit address (RAY_ADDRESS, a job client's), so joining a `ray start` cluster, which
+    requires the token `ray start` stored, failed with InvalidAuthToken unless the user also
+    knew to set RAY_AUTH_MODE=token. This applies Ray's own rule, including re-reading Ray's
+    config when Ray is already imported.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _require_own_node(address: str) -> None:
+    """Raises when the node Ray attached this driver to has an address this process lacks.
+
+    A driver attaches to a raylet it finds in the machine's process table and gives workers
+    that node's address to call it back at. In another network namespace (or a container
+    sharing the process table) that address is not this process's: tasks would run, and the
+    first callback (resolving an object passed by reference) would hang forever.
+    """
+    import socket
+
+    import psutil
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+    ip_families = (socket.AF_INET, socket.AF_INET6)
+    own = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family in ip_families}
+    if node_ip not in own:
+        ray.shutdown()
+        raise RuntimeError(
+            f"RAY_ADDRESS={address}: Ray attached this driver to the node at {node_ip}, which is "
+            f"not an address of this process's network (it has {sorted(own)}): workers could not "
+            "reach it. Run the driver on a node of the cluster: for `make cluster-up`'s cluster, "
+            "`source cluster.env` (its `python` runs on the head node); elsewhere submit a job "
+            "(python -m cli.submit)."
+        )
