@@ -106,10 +106,17 @@ def with_node(cluster: Cluster, node: Node) -> Cluster:
 
 def ray_env(cluster: Cluster) -> dict[str, str]:
     """The environment of the cluster's Ray processes: the caller's, with the cluster's token,
-    and this venv first on PATH, as a node's image has its python (a job's `python -m ...`)."""
+    this venv first on PATH (as a node's image has its python: a job's `python -m ...`), and
+    gloo on each namespace's eth0: the machine's hostname resolves to 127.0.0.1, so gloo would
+    otherwise give its peers on other nodes a loopback address to connect to."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
-    return env | {"PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.token_file}
+    return env | {
+        "PATH": path,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": cluster.token_file,
+        "GLOO_SOCKET_IFNAME": "eth0",
+    }
 
 
 def ray_start_args(cluster: Cluster, node: Node) -> list[str]:
