@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray instance for the whole test session; the shared
-services (S3 server, PostgreSQL, mlflow server) per module."""
+services (S3 server, PostgreSQL, mlflow server) and a multi-node Ray cluster in network
+namespaces, per module."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli.localcluster import running
 from cli.postgres import PostgresServer, start_postgres
+from cli.raynodes import Cluster
 from cli.services import S3Server, ServicesInfo, remove_all, start_s3, start_services, stop_services
 
 
@@ -130,3 +133,13 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     pg = start_postgres("127.0.0.1", tmp_path_factory.mktemp("postgres"))
     yield pg
     remove_all((pg.process,), (pg.data_dir,))
+
+
+@pytest.fixture(scope="module")
+def namespace_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real Ray cluster for the module: a head and one worker node, each a `ray start` in
+    its own network namespace, started and stopped by the code behind `make cluster-up` and
+    `make cluster-down` (`cli.localcluster`), with its own state dir and cluster.env."""
+    where = tmp_path_factory.mktemp("localcluster")
+    with running(where / "state", where / "cluster.env") as cluster:
+        yield cluster
