@@ -41,7 +41,7 @@ from pipeline.data.labels import (
     parse_val_solution,
 )
 from pipeline.data.records import Catalog
-from pipeline.storage import is_file, join, read_bytes, resolve
+from pipeline.storage import absolute, is_file, join, read_bytes, resolve
 
 DEVKIT_DIRS = ("", "ILSVRC2012_devkit_t12/data")
 
@@ -66,6 +66,7 @@ def ingest_imagenet(root: str) -> Catalog:
             label naming a wnid train lacks, a val image without a label, a key used
             twice, a bad line in a label file ("<file>:<line>: ...").
     """
+    root = absolute(root)  # records' paths reach shard tasks, which run in their own cwd
     layout, where = detect_layout(root)
     if layout == "archives":
         return ingest_official(root)

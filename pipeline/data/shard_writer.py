@@ -43,7 +43,7 @@ from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
 from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
 from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, shard_path
-from pipeline.storage import atomic_write_bytes, publish_dir
+from pipeline.storage import absolute, atomic_write_bytes, publish_dir
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
 QUARANTINE_HEADER = ("split", "path", "reason")
@@ -127,7 +127,7 @@ def write_shards(
     """
     if not records:
         raise ValueError("no records to shard")
-    out = Path(out_dir)
+    out = Path(absolute(os.fspath(out_dir)))  # the shard tasks run in their own cwd
     formats = FMT_CHOICES[settings.format]
     staging = _fresh_staging(out, formats)
     plan = plan_shards(records, settings.shard_size, settings.seed)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.data.preprocess import decode_jpeg
-from pipeline.storage import join, read_bytes, resolve
+from pipeline.storage import absolute, join, read_bytes, resolve
 
 FORMATS = ("parquet", "webdataset")
 META = "meta.json"
@@ -58,7 +58,7 @@ class ShardMeta:
     """A complete shard output's manifest (meta.json), written last by the shard writer.
 
     Attributes:
-        root: Where the output lives (local path or URI); not stored in the file.
+        root: Where the output lives (absolute local path or URI); not stored in the file.
         classes: Wnids (CIFAR: class names) in label order.
         names: Human-readable class names in label order.
         counts, inputs, quarantined: Images per split: sharded, listed, quarantined.
@@ -102,7 +102,8 @@ class ShardMeta:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{uri}: shard metadata missing; run the shard stage first") from e
         try:
-            return cls(root=root, **json.loads(raw))
+            # Absolute: the shard paths `files` gives reach tasks that run in their own cwd.
+            return cls(root=absolute(root), **json.loads(raw))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{uri}: not a shard manifest written by the shard stage: {e}") from e
 
@@ -111,7 +112,7 @@ class ShardMeta:
         return dict(zip(self.files(split, fmt), self.sizes[split], strict=True))
 
     def files(self, split: str, fmt: str) -> list[str]:
-        """Paths (local or URI) of the shards of `split` in `fmt`, in order.
+        """Paths (absolute, or URIs) of the shards of `split` in `fmt`, in order.
 
         Raises:
             ValueError: `fmt` was not written, or `split` has no shards.
