@@ -105,14 +105,17 @@ def with_node(cluster: Cluster, node: Node) -> Cluster:
 
 
 def ray_env(cluster: Cluster) -> dict[str, str]:
-    """The environment of the cluster's Ray processes: the caller's, with the cluster's token,
-    this venv first on PATH (as a node's image has its python: a job's `python -m ...`), and
+    """The environment of the cluster's Ray processes: the caller's, with the cluster's token;
+    this venv first on PATH (as a node's image has its python: a job's `python -m ...`);
+    RAY_ADDRESS, since code in workers that looks for "the" cluster (Ray Train's placement
+    group cleaner, through the state API) would find every Ray instance on this machine; and
     gloo on each namespace's eth0: the machine's hostname resolves to 127.0.0.1, so gloo would
     otherwise give its peers on other nodes a loopback address to connect to."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env | {
         "PATH": path,
+        "RAY_ADDRESS": cluster.gcs_address,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": cluster.token_file,
         "GLOO_SOCKET_IFNAME": "eth0",
