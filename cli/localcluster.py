@@ -41,8 +41,8 @@ so code that wrongly relied on a worker's cwd fails here as it would on real har
 
 Cleanup. Every namespace, link, temp dir and process is recorded in <state>/state.json
 before it is created or right after it starts; `down` SIGTERMs the recorded `ray start`
-processes (each takes its node's processes down with it), SIGKILLs whatever still runs
-inside the namespaces after a deadline, deletes links, namespaces, temp dirs, the token,
+processes and every process inside the nodes' namespaces (worker nodes first), SIGKILLs
+what still runs after a deadline, deletes links, namespaces, temp dirs, the token,
 cluster.env and the state, and does nothing when nothing is up. It never runs `ray stop`,
 which would stop every Ray instance on the machine.
 """
@@ -71,7 +71,7 @@ from pipeline.atomic import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = ROOT / ".localcluster"
 ENV_FILE = ROOT / "cluster.env"
-STOP_GRACE_S = 20  # SIGTERM to SIGKILL
+STOP_GRACE_S = 5  # SIGTERM to SIGKILL: a head that has run training lets it pass
 
 
 def _write_env_file(cluster: Cluster) -> None:
@@ -190,9 +190,12 @@ def down(state_dir: Path = STATE_DIR) -> bool:
     cluster = raynodes.load(Path(state_dir))
     if cluster is None:
         return False
-    # Workers first: a worker's raylet shuts down faster while its GCS still answers.
+    # Workers first: a worker's raylet shuts down faster while its GCS still answers. Every
+    # process of a node gets the SIGTERM at once: a `ray start` that relays it to its children
+    # one by one can wait out the whole grace on one of them (the dashboard's, after training).
     for group in (cluster.nodes[1:], cluster.nodes[:1]):
-        netns.stop([(n.pid, n.pid_start) for n in group if n.pid], STOP_GRACE_S)
+        recorded = [(n.pid, n.pid_start) for n in group if n.pid]
+        netns.stop(recorded + [p for n in group for p in netns.processes(n.netns)], STOP_GRACE_S)
         for node in group:
             netns.kill_netns(node.netns)
     for node in cluster.nodes:

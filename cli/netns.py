@@ -124,6 +124,17 @@ def netns_pids(netns: str) -> list[int]:
     return [int(p) for p in ip("netns", "pids", netns).split()]
 
 
+def processes(netns: str) -> list[tuple[int, float]]:
+    """(pid, start time) of each process inside namespace `netns`, for `stop`."""
+    found = []
+    for pid in netns_pids(netns):
+        try:
+            found.append((pid, start_time(pid)))
+        except psutil.NoSuchProcess:
+            pass  # exited since the listing
+    return found
+
+
 def start_time(pid: int) -> float:
     """The start time of process `pid` (seconds since the epoch), which tells it from a later
     process that reuses its id."""
