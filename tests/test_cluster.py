@@ -91,7 +91,7 @@ def ray_head() -> Iterator[str]:
     (the pinned torch, ray, mlflow...) is 6 GB, which Ray keeps until the folder goes.
     The path stays short, since Ray's socket paths must fit in 107 characters.
     """
-    dash, gcs = free_port(), free_port()
+    dash, gcs, agent, client = free_port(), free_port(), free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-test-"))
     args = [
         "start",
@@ -107,6 +107,12 @@ def ray_head() -> Iterator[str]:
         "127.0.0.1",
         "--dashboard-port",
         str(dash),
+        # Not the fixed defaults (52365, 10001): other Ray instances on the machine hold them,
+        # and a head whose agent cannot listen takes no job ("No available agent").
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--ray-client-server-port",
+        str(client),
         "--num-cpus",
         "2",
         "--include-dashboard",
