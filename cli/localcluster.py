@@ -65,8 +65,9 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 from cli import netns, raynodes
+from cli.procs import stop_processes
 from cli.raynodes import Cluster
-from pipeline.atomic import atomic_write_text
+from pipeline.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = ROOT / ".localcluster"
@@ -190,12 +191,10 @@ def down(state_dir: Path = STATE_DIR) -> bool:
     cluster = raynodes.load(Path(state_dir))
     if cluster is None:
         return False
-    # Workers first: a worker's raylet shuts down faster while its GCS still answers. Every
-    # process of a node gets the SIGTERM at once: a `ray start` that relays it to its children
-    # one by one can wait out the whole grace on one of them (the dashboard's, after training).
+    # Workers first: a worker's raylet shuts down faster while its GCS still answers. Then
+    # whatever still runs in a node's namespace (a process that left `ray start`'s group).
     for group in (cluster.nodes[1:], cluster.nodes[:1]):
-        recorded = [(n.pid, n.pid_start) for n in group if n.pid]
-        netns.stop(recorded + [p for n in group for p in netns.processes(n.netns)], STOP_GRACE_S)
+        stop_processes([n.record() for n in group if n.pid], STOP_GRACE_S)
         for node in group:
             netns.kill_netns(node.netns)
     for node in cluster.nodes:

@@ -1,5 +1,5 @@
 """Linux plumbing for the local cluster: a bridge, network namespaces cabled to it by veth
-pairs, and the processes that live inside a namespace.
+pairs, and killing whatever runs inside a namespace.
 
 Everything here calls iproute2's `ip` (as root) and touches only the links, namespaces and
 processes it is given by name or id.
@@ -15,8 +15,6 @@ import subprocess
 import time
 from collections.abc import Iterable
 from ipaddress import IPv4Interface, IPv4Network
-
-import psutil
 
 # Where a free subnet is looked for when none is asked for: 10.203.0.0/24, 10.203.1.0/24, ...
 SUBNET_POOL = IPv4Network("10.203.0.0/16")
@@ -124,58 +122,12 @@ def netns_pids(netns: str) -> list[int]:
     return [int(p) for p in ip("netns", "pids", netns).split()]
 
 
-def processes(netns: str) -> list[tuple[int, float]]:
-    """(pid, start time) of each process inside namespace `netns`, for `stop`."""
-    found = []
-    for pid in netns_pids(netns):
-        try:
-            found.append((pid, start_time(pid)))
-        except psutil.NoSuchProcess:
-            pass  # exited since the listing
-    return found
-
-
-def start_time(pid: int) -> float:
-    """The start time of process `pid` (seconds since the epoch), which tells it from a later
-    process that reuses its id."""
-    return psutil.Process(pid).create_time()
-
-
-def is_running(pid: int, started: float) -> bool:
-    """Whether process `pid`, started at `started`, still runs; reaps it if it is our zombie."""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - started) > 0.01:
-            return False
-        if proc.status() != psutil.STATUS_ZOMBIE:
-            return True
-    except psutil.NoSuchProcess:
-        return False
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # someone else's child: its parent reaps it
-    return False
-
-
 def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def stop(procs: Iterable[tuple[int, float]], grace_s: float) -> None:
-    """SIGTERMs the running processes among `procs` ((pid, start time) pairs), waits up to
-    `grace_s` seconds for them to exit, then SIGKILLs the rest."""
-    live = [p for p in procs if is_running(*p)]
-    _signal((pid for pid, _ in live), signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while live and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        live = [p for p in live if is_running(*p)]
-    _signal((pid for pid, _ in live), signal.SIGKILL)
 
 
 def kill_netns(netns: str, timeout_s: float = 30) -> list[int]:

@@ -187,6 +187,13 @@ def _group(record: ProcessRecord) -> list[psutil.Process]:
         return []
 
 
+def is_running(record: ProcessRecord) -> bool:
+    """Whether the recorded process itself still runs (not exited, reaped or not, nor a
+    later process that reuses its pid)."""
+    group = _group(record)
+    return bool(group) and _alive(group[0])
+
+
 def stop_processes(records: Iterable[ProcessRecord], timeout_s: float = 30.0) -> None:
     """Stops each recorded server and everything it forked, in the order given.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -16,7 +16,8 @@ from pathlib import Path
 import requests
 
 from cli import netns
-from pipeline.atomic import atomic_write_text
+from cli.procs import ProcessRecord, is_running, log_tail, spawn
+from pipeline.storage import atomic_write_text
 
 GCS_PORT = 6379  # Ray's defaults: every node has its own namespace, so nothing else holds them
 DASHBOARD_PORT = 8265
@@ -35,6 +36,10 @@ class Node:
     log: str
     pid: int = 0  # 0 until `ray start` runs
     pid_start: float = 0.0  # its start time, so a reused pid is never signalled
+
+    def record(self) -> ProcessRecord:
+        """Its `ray start` process, as `cli.procs` stops it."""
+        return ProcessRecord(self.name, self.pid, self.pid_start, signal.SIGTERM, Path(self.log))
 
 
 @dataclass(frozen=True)
@@ -162,17 +167,10 @@ def start_node(cluster: Cluster, name: str) -> Cluster:
     netns.create_netns(node.netns, node.veth, cluster.bridge, IPv4Interface(f"{node.ip}/{net.prefixlen}"))
     Path(node.temp_dir).mkdir(parents=True, mode=0o700)
     ray = Path(sys.executable).parent / "ray"
-    with open(node.log, "ab") as log:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, str(ray), "start", *ray_start_args(cluster, node)],
-            cwd=node.temp_dir,
-            env=ray_env(cluster),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # survives `up` and the terminal's Ctrl-C
-        )
-    return with_node(cluster, replace(node, pid=proc.pid, pid_start=netns.start_time(proc.pid)))
+    argv = ["ip", "netns", "exec", node.netns, str(ray), "start", *ray_start_args(cluster, node)]
+    # Its own session: it outlives `up` and the terminal's Ctrl-C.
+    _, record = spawn(name, argv, Path(node.log), ray_env(cluster), cwd=Path(node.temp_dir))
+    return with_node(cluster, replace(node, pid=record.pid, pid_start=record.create_time))
 
 
 def node_states(cluster: Cluster) -> dict[str, str]:
@@ -217,9 +215,10 @@ def wait_for_states(cluster: Cluster, wanted: dict[str, str], timeout_s: float =
         if all(states.get(ip) == state for ip, state in wanted.items()):
             return
         for node in cluster.nodes:
-            if wanted.get(node.ip) == "ALIVE" and not netns.is_running(node.pid, node.pid_start):
-                tail = Path(node.log).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"node {node.name}: `ray start` exited; end of {node.log}:\n{tail}")
+            if wanted.get(node.ip) == "ALIVE" and not is_running(node.record()):
+                raise RuntimeError(
+                    f"node {node.name}: `ray start` exited; {node.log}:\n{log_tail(Path(node.log))}"
+                )
         if time.monotonic() > deadline:
             raise TimeoutError(f"after {timeout_s:.0f} s the head reports {states}, expected {wanted}")
         time.sleep(0.25)
