@@ -17,10 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 from cli import netns
 from cli.localcluster import add_worker, down, kill_node, up
 from cli.raynodes import Cluster, load, node_states, wait_for_states
+from pipeline.config import load_params
 from tests.conftest import ROOT, run_stage, stage_env, write_params
 
 # A driver as a stage is one: init_ray() with what cluster.env exported. One 1-CPU task per
@@ -85,6 +87,15 @@ print(json.dumps({"ips": ips, "sums": sums}))
 """
 
 
+def running(pid: int, started: float) -> bool:
+    """Whether that process runs: not gone, not a zombie, not a later one with its pid."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+
+
 def in_sourced_shell(cluster: Cluster, command: str, env: dict[str, str] | None = None) -> str:
     """Runs `command` in bash after `source cluster.env`, as a user would, but without
     RAY_AUTH_MODE: a stage must not need it. Returns stdout; fails the test on an error."""
@@ -99,6 +110,13 @@ def in_sourced_shell(cluster: Cluster, command: str, env: dict[str, str] | None 
 def run_driver(cluster: Cluster, script: str = DRIVER) -> dict:
     """Runs `script` with cluster.env's `python`; returns the JSON it printed last."""
     return json.loads(in_sourced_shell(cluster, f"python -c {shlex.quote(script)}").splitlines()[-1])
+
+
+def test_cluster_profile_is_the_sample_profile_with_two_workers() -> None:
+    sample, cluster = (yaml.safe_load((ROOT / f).read_text()) for f in ("params.yaml", "params-cluster.yaml"))
+    assert cluster["train"].pop("num_workers") == 2 and sample["train"].pop("num_workers") == 1
+    assert cluster == sample
+    assert load_params(ROOT / "params-cluster.yaml").train.num_workers == 2
 
 
 def test_driver_started_like_a_stage_runs_on_every_node(namespace_cluster: Cluster) -> None:
@@ -152,7 +170,7 @@ def test_dashboard_takes_jobs_only_with_the_token(namespace_cluster: Cluster, tm
     assert requests.post(jobs, json={"entrypoint": "true"}, headers=wrong, timeout=30).status_code == 403
 
     params = write_params(tmp_path)
-    submit = f"{shlex.quote(sys.executable)} -m pipeline.submit --no-pip --params {params} sample"
+    submit = f"{shlex.quote(sys.executable)} -m cli.submit --no-pip --params {params} sample"
     no_token = f"unset RAY_AUTH_TOKEN_PATH && {submit}"  # and a HOME without ~/.ray/auth_token
     script = f"source {shlex.quote(namespace_cluster.env_file)} && unset RAY_AUTH_MODE && {no_token}"
     env = stage_env() | {"HOME": str(tmp_path)}
@@ -199,8 +217,7 @@ def test_down_leaves_no_namespace_link_process_or_file(namespace_cluster: Cluste
     for node in cluster.nodes:
         assert node.netns not in namespaces and node.veth not in links
         assert not Path(node.temp_dir).exists()
-        if psutil.pid_exists(node.pid):  # only as another process that reused the id
-            assert psutil.Process(node.pid).create_time() != pytest.approx(node.pid_start, abs=0.01)
+        assert not running(node.pid, node.pid_start)
     assert cluster.bridge not in links
     for path in (cluster.env_file, cluster.token_file, cluster.python_shim, cluster.state_dir):
         assert not Path(path).exists()
