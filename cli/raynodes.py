@@ -97,6 +97,7 @@ def load(state_dir: Path) -> Cluster | None:
 
 
 def save(cluster: Cluster) -> Cluster:
+    """Records `cluster` in its state dir (atomically) and returns it."""
     atomic_write_text(state_file(Path(cluster.state_dir)), json.dumps(asdict(cluster), indent=1))
     return cluster
 
