@@ -34,6 +34,7 @@ from pathlib import Path
 
 import ray
 
+from pipeline.cluster import start_local_ray
 from pipeline.config import SampleParams, ShardParams
 from pipeline.data.archive_io import LOCAL_FETCH, open_archive, stat_archive
 from pipeline.data.archives import INDEX_THREADS
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         n = len(catalogs[layout].records)
         print(f"ingest {layout}: {seconds * 1e3:.1f} ms for {n} images ({seconds / n * 1e6:.1f} us/image)")
 
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=args.workers, quiet=True)
     ray.get(warm_workers())
     settings = ShardParams(size=128, format="both", shard_size=250, max_bad_fraction=0.01)
     out = args.workdir / "shards"

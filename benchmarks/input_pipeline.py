@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.preprocess import build_corpus  # noqa: E402
+from pipeline.cluster import start_local_ray  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
@@ -154,13 +155,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"load avg before: {_load()}", flush=True)
     torch.set_num_threads(args.cpus)
-    ray.init(
-        address="local",
-        num_cpus=args.cpus,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
+    start_local_ray(num_cpus=args.cpus, quiet=True)
     corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
     shards = args.workdir / f"shards-{SIZE}"
     ensure_shards(corpus, shards)

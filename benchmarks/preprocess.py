@@ -48,6 +48,7 @@ import ray
 from PIL import Image
 from skimage import data as skdata
 
+from pipeline.cluster import start_local_ray
 from pipeline.config import ShardParams
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE, preprocess_image
@@ -312,13 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     report(f"floor ({args.workers} processes)", len(paths), floor(paths, args.workers), rates)
     floor_rate = rates[f"floor ({args.workers} processes)"]
 
-    ray.init(  # address="local": never a cluster someone left running on this machine
-        address="local",
-        num_cpus=args.workers,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
+    start_local_ray(num_cpus=args.workers, quiet=True)
     out = args.workdir / "shards"
     report("stage", len(records), stage_run(records, out, catalog.classes, args.shard_size), rates)
     print(f"stage / floor: {rates['stage'] / floor_rate:.0%}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import build_model  # noqa: E402
+from pipeline.cluster import start_local_ray  # noqa: E402
 
 NUM_CLASSES = 10
 DISTINCT_BATCHES = 4  # cycled: enough to be real tensors, few enough to stay in cache-friendly memory
@@ -138,13 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     print(f"load avg before: {_load()}", flush=True)
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
+    start_local_ray(num_cpus=os.cpu_count(), quiet=True)
     plain = [timed_epochs(cfg)]
     print(f"plain loop: {plain[0]:.1f} images/s (load avg: {_load()})", flush=True)
     with tempfile.TemporaryDirectory() as storage:

@@ -27,9 +27,29 @@ def init_ray() -> None:
             ray.init(address=address)
             _require_own_node(address)
         else:
-            ray.init(address="local", include_dashboard=False)
+            start_local_ray()
     # Per-operator bars flood DVC's log; the stages print their own progress.
     DataContext.get_current().enable_progress_bars = False
+
+
+def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Starts a fresh local Ray instance in this process, never joining a running cluster.
+
+    Args:
+        num_cpus: CPUs Ray may schedule (default: the machine's), e.g. what a test or a
+            benchmark measures on.
+        quiet: Keep Ray's own logging and the workers' output off this process's console
+            (tests and benchmarks print their own results).
+    """
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        configure_logging=not quiet,
+        log_to_driver=not quiet,
+    )
 
 
 def cluster_cpus() -> int:

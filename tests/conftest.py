@@ -18,6 +18,7 @@ from cli.localcluster import running
 from cli.postgres import PostgresServer, start_postgres
 from cli.raynodes import Cluster
 from cli.services import S3Server, ServicesInfo, remove_all, start_s3, start_services, stop_services
+from pipeline.cluster import start_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +27,8 @@ def ray_local() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # address="local": a fresh instance, never a cluster someone started with `ray start`.
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
-    )
+    # A fresh instance, never a cluster someone started with `ray start` (RAY_ADDRESS ignored).
+    start_local_ray(num_cpus=2, quiet=True)
     yield
     ray.shutdown()
 
