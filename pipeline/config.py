@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import posixpath
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,26 @@ class DataParams(_Section):
     eval_metrics: str = "metrics/eval.json"
     shard_metrics: str = "metrics/shard.json"
     plots: str = "plots"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Stages replace their outputs whole (storage.publish_dir): shards written over the
+        # raw tree, or one output inside another, would delete data. raw == sample is the
+        # default (the shard stage reads the sample stage's output).
+        paths = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "format"]
+        for i, (a, pa) in enumerate(paths):
+            for b, pb in paths[i + 1 :]:
+                if {a, b} != {"sample", "raw"} and _overlap(pa, pb):
+                    raise ParamsError(
+                        f"data.{b}={pb!r}: overlaps data.{a}={pa!r}; expected separate paths, neither "
+                        "inside the other (a stage replaces its output whole)"
+                    )
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether paths or URIs `a` and `b` are equal or one lies inside the other."""
+    a, b = (posixpath.normpath(p) + "/" for p in (a, b))
+    return a.startswith(b) or b.startswith(a)
 
 
 @dataclass(frozen=True)
@@ -228,6 +250,11 @@ class Params:
             )
         if crop > self.shard.size:
             raise ParamsError(f"train.crop={crop}: expected <= shard.size={self.shard.size}")
+        if self.shard.format not in ("both", self.data.format):
+            raise ParamsError(
+                f"data.format={self.data.format!r}: expected a format the shard stage writes "
+                f"(shard.format={self.shard.format!r})"
+            )
 
     def flat(self) -> dict[str, Any]:
         """{"train.lr": 0.01, ...}: every param under its dotted key, for experiment tracking."""
@@ -263,10 +290,14 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
-            value = float(value)
-            ok = math.isfinite(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond float's range
+                ok = False
+            else:
+                ok = math.isfinite(value)
     elif tp is str:
-        ok = isinstance(value, str) and value != ""
+        ok = isinstance(value, str) and value.strip() != ""
     else:  # pragma: no cover - a new field type must be handled above
         raise TypeError(f"unsupported params type {tp} for {key}")
     if not ok:
@@ -302,10 +333,28 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     if not isinstance(raw, dict):
         raise ParamsError(f"{name}: expected a mapping of keys to values, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
     return cls(**raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # The mapping's own keys, before merge keys (<<) flatten their entries in.
+        own = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        mapping = super().construct_mapping(node, deep=deep)  # refuses unhashable keys
+        seen: set[Any] = set()
+        for key_node in own:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return mapping
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -324,10 +373,31 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: ints over 4300 digits
+        raise ParamsError(f"{path}: not a valid YAML file: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
     if unknown:
         raise ParamsError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
     return Params(**{name: parse_section(name, raw.get(name), cls) for name, cls in SECTIONS.items()})
+
+
+def load_params_or_exit(path: str | Path = PARAMS_FILE) -> Params:
+    """`load_params` for a stage's `main`: bad params end the process with
+    `error: <message>` on stderr and exit status 2 (a usage error), not a traceback.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The frozen, validated params.
+    """
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

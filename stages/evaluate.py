@@ -2,13 +2,13 @@
 
 import json
 
-from pipeline.config import load_params
+from pipeline.config import load_params_or_exit
 from pipeline.evaluate import evaluate
 
 
 def main() -> None:
     """Reads params.yaml and evaluates the train stage's model on the val shards."""
-    print(json.dumps(evaluate(load_params()), indent=1))
+    print(json.dumps(evaluate(load_params_or_exit()), indent=1))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 import json
 
-from pipeline.config import load_params
+from pipeline.config import load_params_or_exit
 from pipeline.data.sample import generate_sample
 
 
 def main() -> None:
     """Writes the sample tree to data.sample from the `sample` params."""
-    params = load_params()
+    params = load_params_or_exit()
     summary = generate_sample(params.data.sample, params.sample)
     print(json.dumps(summary, indent=1))
 

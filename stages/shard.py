@@ -3,7 +3,7 @@
 import json
 
 from pipeline.cluster import init_ray
-from pipeline.config import load_params
+from pipeline.config import load_params_or_exit
 from pipeline.data.cifar import ingest_cifar10
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.shard_writer import warm_workers, write_shards
@@ -13,7 +13,7 @@ from pipeline.storage import atomic_write_text
 
 def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
-    params = load_params()
+    params = load_params_or_exit()
     data, s = params.data, params.shard
     check_storage({"data.raw": data.raw, "data.shards": data.shards})  # before Ray starts
     init_ray()

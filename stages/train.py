@@ -2,13 +2,13 @@
 
 import json
 
-from pipeline.config import load_params
+from pipeline.config import load_params_or_exit
 from pipeline.train.driver import train
 
 
 def main() -> None:
     """Reads params.yaml and trains (or resumes the interrupted run of the same config)."""
-    summary = train(load_params())
+    summary = train(load_params_or_exit())
     print(json.dumps(summary, indent=1))
 
 
