@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipeline import jsonfile
 from pipeline.data.preprocess import decode_jpeg
 from pipeline.storage import absolute, join, read_bytes, resolve
 
@@ -94,18 +95,26 @@ class ShardMeta:
 
         Raises:
             FileNotFoundError: No meta.json, i.e. not a complete shard output.
-            ValueError: meta.json is not the writer's JSON (names the file and key).
+            ValueError: meta.json is not the writer's JSON (names the file and key; the
+                line and column of a syntax error).
         """
         uri = join(root, META)
         try:
-            raw = read_bytes(uri)
+            raw = jsonfile.parse(read_bytes(uri), uri)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{uri}: shard metadata missing; run the shard stage first") from e
-        try:
-            # Absolute: the shard paths `files` gives reach tasks that run in their own cwd.
-            return cls(root=absolute(root), **json.loads(raw))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{uri}: not a shard manifest written by the shard stage: {e}") from e
+        jsonfile.check_fields(cls, {**raw, "root": root}, uri)
+        if len(raw["names"]) != len(raw["classes"]):
+            raise ValueError(f"{uri}: {len(raw['names'])} names for {len(raw['classes'])} classes")
+        if raw["format"] not in (*FORMATS, "both") or not set(raw["shards"]) <= set(FORMATS):
+            formats = f"format={raw['format']!r}, shards in {sorted(raw['shards'])}"
+            raise ValueError(f"{uri}: {formats}: expected formats from {FORMATS}")
+        for fmt, splits in raw["shards"].items():
+            for split, rels in splits.items():
+                if len(raw["sizes"].get(split, ())) != len(rels):
+                    raise ValueError(f"{uri}: sizes.{split} does not count the {len(rels)} {fmt} shards")
+        # Absolute: the shard paths `files` gives reach tasks that run in their own cwd.
+        return cls(root=absolute(root), **raw)
 
     def file_sizes(self, split: str, fmt: str) -> dict[str, int]:
         """Images in each shard file of `split` in `fmt`, by path (as `files` gives them)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from pipeline import jsonfile
 from pipeline.cluster import cluster_cpus
 from pipeline.data.preprocess import decode_jpeg
 from pipeline.data.shards import FORMATS, ShardMeta, iter_shard
@@ -60,42 +61,41 @@ class ColorStats:
         """Reads a stats file (local path or URI).
 
         Raises:
-            ValueError: Naming the file, when it is not JSON, a key is missing or a value
-                has the wrong shape.
+            ValueError: Naming the file: not JSON (with line and column), a key missing,
+                or a value of the wrong shape.
         """
-        try:
-            raw = json.loads(read_bytes(path))
-            return cls.from_dict(raw)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path}: expected the stats stage's JSON with mean, std (3 values each), eigval (3) "
-                f"and eigvec (3x3): {e}"
-            ) from e
+        return cls.from_dict(jsonfile.parse(read_bytes(path), path), path)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> ColorStats:
+    def from_dict(cls, raw: dict, source: str = "stats") -> ColorStats:
         """Builds stats from the file's mapping (also the model card's copy).
 
+        Args:
+            raw: The stats file's object.
+            source: Where `raw` came from, for messages.
+
         Raises:
-            ValueError: When a vector does not have 3 values or eigvec is not 3x3.
+            ValueError: Naming `source` and the key, when a key is missing or unknown, a
+                vector does not have 3 finite values, eigvec or cov is not 3x3, or a std is
+                not positive (images are divided by it).
         """
+        jsonfile.check_fields(cls, raw, source)
+        if len(raw.get("cov", ())) not in (0, CHANNELS):
+            raise ValueError(f"{source}: cov: expected {CHANNELS} rows, got {len(raw['cov'])}")
+        if min(raw["std"]) <= 0:
+            raise ValueError(f"{source}: std={raw['std']}: expected values > 0")
 
-        def vec(v) -> Vec3:
-            out = tuple(float(x) for x in v)
-            if len(out) != CHANNELS:
-                raise ValueError(f"expected {CHANNELS} values, got {len(out)}")
-            return out
+        def vec(v: list[float]) -> Vec3:
+            return tuple(float(x) for x in v)
 
-        if len(raw["eigvec"]) != CHANNELS:
-            raise ValueError(f"eigvec: expected {CHANNELS} rows, got {len(raw['eigvec'])}")
         return cls(
             mean=vec(raw["mean"]),
             std=vec(raw["std"]),
             eigval=vec(raw["eigval"]),
             eigvec=tuple(vec(row) for row in raw["eigvec"]),
             cov=tuple(vec(row) for row in raw.get("cov", ())),
-            num_images=int(raw.get("num_images", 0)),
-            num_pixels=int(raw.get("num_pixels", 0)),
+            num_images=raw.get("num_images", 0),
+            num_pixels=raw.get("num_pixels", 0),
         )
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models import build_model
+from pipeline import jsonfile
 from pipeline.config import ModelParams, parse_section
 from pipeline.data.stats import ColorStats
 from pipeline.storage import atomic_write_bytes, atomic_write_text
@@ -58,15 +60,19 @@ class ModelCard:
         """Parses a card file's text.
 
         Raises:
-            ValueError: Naming `source`, when a key is missing or malformed.
+            ValueError: Naming `source` (and the line and column of a JSON syntax error,
+                or the key that is missing or malformed).
         """
+        raw = jsonfile.parse(text, source)
+        jsonfile.check_fields(cls, raw, source, skip=("arch", "stats"))
         try:
-            raw = json.loads(text)
-            raw["arch"] = parse_section("model", raw["arch"], ModelParams)
-            raw["stats"] = ColorStats.from_dict(raw["stats"])
-            return cls(**raw)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{source}: not a model card written by the train stage: {e}") from e
+            arch = parse_section("model", raw["arch"], ModelParams)
+        except ValueError as e:  # ParamsError
+            raise ValueError(f"{source}: arch: {e}") from None
+        stats = ColorStats.from_dict(raw["stats"], f"{source}: stats")
+        if len(raw["classes"]) != raw["num_classes"]:
+            raise ValueError(f"{source}: {len(raw['classes'])} classes for num_classes={raw['num_classes']}")
+        return cls(**{**raw, "arch": arch, "stats": stats})
 
 
 def build_network(mp: ModelParams, num_classes: int) -> torch.nn.Module:
@@ -90,6 +96,8 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, ModelCard]:
 
     Raises:
         FileNotFoundError: No card in `model_dir`.
+        ValueError: Naming the file: a malformed card, or weights that are damaged, hold
+            anything but tensors, or do not fit the card's network.
     """
     model_dir = Path(model_dir)
     card_path = model_dir / CARD
@@ -97,6 +105,9 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, ModelCard]:
         raise FileNotFoundError(f"{card_path}: no trained model here; run the train stage first")
     card = ModelCard.from_json(card_path.read_text(), str(card_path))
     model = build_network(card.arch, card.num_classes)
-    state = torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    weights = model_dir / WEIGHTS
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # damaged, foreign or not tensors only
+        raise ValueError(f"{weights}: not the weights of the network in {card_path}: {e}") from e
     return model.eval(), card
