@@ -46,7 +46,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _load_cifar_batch(uri: str) -> dict[bytes, object]:
     # encoding="bytes": the official batches are Python-2 pickles of str keys.
-    return _NumpyOnlyUnpickler(io.BytesIO(read_bytes(uri)), encoding="bytes").load()
+    try:
+        return _NumpyOnlyUnpickler(io.BytesIO(read_bytes(uri)), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"{uri}: {e}") from None
 
 
 def ingest_cifar10(root: str) -> Catalog:
@@ -64,7 +67,8 @@ def ingest_cifar10(root: str) -> Catalog:
 
     Raises:
         FileNotFoundError: a batch file is missing.
-        pickle.UnpicklingError: a batch references anything but numpy arrays.
+        pickle.UnpicklingError: a batch references anything but numpy arrays (names the
+            file and the global).
     """
     if not is_file(join(root, "batches.meta")):
         root = join(root, CIFAR_DIR)
@@ -76,9 +80,7 @@ def ingest_cifar10(root: str) -> Catalog:
             uri = join(root, batch_name)
             batch = _load_cifar_batch(uri)
             # (N, 3072) uint8, channel-major rows -> (N, 32, 32, 3)
-            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(
-                -1, 3, CIFAR_SIDE, CIFAR_SIDE
-            )
+            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)
             pixels = pixels.transpose(0, 2, 3, 1)
             for row, label in enumerate(batch[b"labels"]):
                 index += 1

@@ -20,16 +20,7 @@ from pipeline.data.shards import META, ShardMeta
 from pipeline.data.stats import ColorStats
 from pipeline.train.model_card import CARD, WEIGHTS, ModelCard, build_network, load_model, save_model
 from tests.conftest import run_stage, stage_env
-
-STATS = ColorStats(
-    mean=(0.48, 0.45, 0.40),
-    std=(0.23, 0.22, 0.22),
-    eigval=(0.055, 0.0047, 0.0006),
-    eigvec=((-0.57, 0.70, 0.41), (-0.58, -0.008, -0.81), (-0.58, -0.70, 0.40)),
-    cov=((0.05, 0.04, 0.04), (0.04, 0.05, 0.04), (0.04, 0.04, 0.05)),
-    num_images=48,
-    num_pixels=307200,
-)
+from tests.faults.common import STATS
 
 
 def edited(text: str, edit) -> str:
