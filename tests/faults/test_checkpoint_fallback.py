@@ -1,0 +1,83 @@
+"""The newest training checkpoint truncated or half-written: `newest_valid_checkpoint` falls
+back to the newest one that loads, warning with the damaged file's name, and never unpickles
+garbage. The checkpoints are a real tiny training run's, written by Ray Train."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pipeline.train.checkpoints import checkpoint_dirs, newest_valid_checkpoint
+from pipeline.train.loop import STATE_FILE, load_state
+from tests.conftest import run_stage, write_params
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_inputs: Path) -> Path:
+    """The Ray Train run folder of a finished 3-epoch training (read-only: copy it)."""
+    ws = tmp_path_factory.mktemp("checkpoints") / "ws"
+    shutil.copytree(tiny_inputs, ws)
+    write_params(ws, {"train": {"epochs": 3}})
+    run_stage(ws, "train")
+    (run,) = (ws / "artifacts/checkpoints").glob("alexnet-*")
+    return run
+
+
+@pytest.fixture
+def run_dir(trained_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / trained_run.name
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def newest(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """newest_valid_checkpoint's answer and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = newest_valid_checkpoint(run_dir)
+    return found, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_intact_run_gives_its_last_epoch_without_warnings(run_dir: Path) -> None:
+    # Ray Train keeps the newest two (CheckpointConfig.num_to_keep=2).
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["epoch-0003", "epoch-0002"]
+    assert newest(run_dir) == (run_dir / "epoch-0003", [])
+
+
+def test_truncated_newest_falls_back_to_the_one_before_naming_it(run_dir: Path) -> None:
+    state = run_dir / "epoch-0003" / STATE_FILE
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])  # a copy cut off half-way
+    found, warned = newest(run_dir)
+    assert found == run_dir / "epoch-0002"
+    assert len(warned) == 1 and warned[0].startswith(f"{state}: unreadable checkpoint (")
+    assert load_state(found)["epoch"] == 2  # what a resume would start from
+
+
+def test_half_written_and_garbage_checkpoints_are_skipped(run_dir: Path) -> None:
+    newest_state = run_dir / "epoch-0003" / STATE_FILE
+    newest_state.unlink()  # the folder made, its file not written yet
+    older = run_dir / "epoch-0002" / STATE_FILE
+    older.write_bytes(b"\x80\x04garbage" * 100)  # overwritten with noise
+    found, warned = newest(run_dir)
+    assert found is None
+    assert [w.split(":")[0] for w in warned] == [str(newest_state), str(older)]
+    assert "FileNotFoundError" in warned[0]
+
+
+def test_a_checkpoint_holding_another_epoch_is_not_trusted(run_dir: Path) -> None:
+    # epoch-0003's folder holding epoch 2's state: a mixed-up copy, not what its name says.
+    shutil.copyfile(run_dir / "epoch-0002" / STATE_FILE, run_dir / "epoch-0003" / STATE_FILE)
+    found, warned = newest(run_dir)
+    assert found == run_dir / "epoch-0002"
+    assert "not this epoch's state" in warned[0]
+
+
+def test_a_run_without_checkpoints_gives_none(tmp_path: Path) -> None:
+    assert newest(tmp_path / "never-started") == (None, [])
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert newest(tmp_path / "started") == (None, [])
