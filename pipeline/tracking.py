@@ -13,9 +13,12 @@ directory (`mlflow.db`), which `make ui` serves on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import yaml
 
 DEFAULT_STORE = "mlflow.db"
+_log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
@@ -135,38 +139,123 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
+# MLflow's HTTP settings for the epoch logger's own requests: no retries and a short
+# timeout (s), so a lost tracking server costs an epoch one failed request, not MLflow's
+# default backoff (7 retries, factor 2: minutes); what fails is sent after the next epoch.
+LOGGER_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
+@contextlib.contextmanager
+def _logger_requests() -> Iterator[None]:
+    """Applies LOGGER_HTTP while the block runs (MLflow reads them at each request), then
+    restores the process's own settings."""
+    saved = {k: os.environ.get(k) for k in LOGGER_HTTP}
+    os.environ.update(LOGGER_HTTP)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class EpochLogger:
     """Per-epoch metrics from the rank-0 Ray Train worker, with step = epoch, each epoch
-    logged once per run.
+    logged once per run, through outages of the tracking server.
 
     After a resume, an epoch may be trained again (the interruption came after its metrics
     were logged but before its checkpoint was registered) or not logged yet (the other way
     round). Steps the run already holds are skipped (with fixed seeds the retrained epoch
     reproduces them exactly) and checkpointed epochs it lacks are backfilled.
+
+    An epoch the server does not take (unreachable, or failing) stays buffered, training goes
+    on, and the buffer is sent, oldest first, after the next epoch. After a failure the run's
+    logged steps are read again before sending, so a batch the server stored but whose answer
+    was lost is not sent twice; a resent batch keeps its first timestamps, which MLflow's SQL
+    store would also deduplicate.
     """
 
     def __init__(self, run: RunRef) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=run.tracking_uri)
-        self.run_id = run.run_id
-        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1_error")}
+        self.run = run
+        self.logged: set[int] | None = None  # steps the run holds; None: ask the server first
+        self.pending: dict[int, list[Any]] = {}  # step -> its mlflow Metrics, not yet sent
+        self.outage = False
+        self.flush()
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
-        """Logs one epoch's metrics (every key but `epoch` itself), unless already logged."""
+        """Logs one epoch's metrics (every key but `epoch` itself) unless the run holds them;
+        buffers them while the server does not take them."""
         from mlflow.entities import Metric
 
         step, now = int(metrics["epoch"]), int(time.time() * 1000)
-        if step in self.logged:
-            return
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=batch)
-        self.logged.add(step)
+        if step not in self.pending and not (self.logged and step in self.logged):
+            self.pending[step] = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        self.flush()
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """Logs the checkpointed epochs the run does not hold yet."""
         for metrics in history:
             self.log_epoch(metrics)
+
+    def require(self, history: list[dict[str, float]]) -> None:
+        """Logs every epoch of a finished training the run lacks (the worker may have ended
+        with some buffered); the run is complete only when all are logged.
+
+        Raises:
+            RuntimeError: The server did not take them, naming it and the epochs.
+        """
+        self.backfill(history)
+        if self.pending:
+            raise RuntimeError(
+                f"MLflow tracking server {self.run.tracking_uri} does not answer: the metrics of epochs "
+                f"{sorted(self.pending)} of run {self.run.run_id} could not be logged or checked; training "
+                "is done and checkpointed: rerun the stage when the server is back, it resumes and logs "
+                "what the run lacks"
+            )
+
+    def flush(self) -> bool:
+        """Sends the buffered epochs the run lacks, oldest first.
+
+        Returns:
+            Whether the server took them all (nothing is left buffered).
+        """
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _logger_requests():
+                if self.logged is None:
+                    history = self.client.get_metric_history(self.run.run_id, "val_top1_error")
+                    self.logged = {m.step for m in history}
+                for step in sorted(self.pending):
+                    if step not in self.logged:
+                        self.client.log_batch(self.run.run_id, metrics=self.pending[step])
+                        self.logged.add(step)
+                    del self.pending[step]
+        except (MlflowException, requests.RequestException, OSError) as e:
+            self.logged = None
+            if not self.outage:
+                _log.warning(
+                    "MLflow tracking server %s does not take metrics (%s); epochs not logged stay "
+                    "buffered and are sent after the next epoch",
+                    self.run.tracking_uri,
+                    " ".join(str(e).split())[:300],
+                )
+            self.outage = True
+            return False
+        if self.outage:
+            _log.warning("MLflow tracking server %s is back: buffered epochs logged", self.run.tracking_uri)
+        self.outage = False
+        return True
 
 
 def log_dataset(path: str, digest: str, name: str, context: str) -> None:

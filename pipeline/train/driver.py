@@ -157,6 +157,7 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
     with result.checkpoint.as_directory() as d:
         final = load_state(d)
     history = final["history"]
+    tracking.EpochLogger(cfg.mlflow).require(history)  # epochs a tracking outage left unlogged
     run_id = cfg.mlflow.run_id
     mlflow.set_tag("worker_nodes", ",".join(final["placements"][-1]))
     card = ModelCard(

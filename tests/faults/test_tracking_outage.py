@@ -1,0 +1,181 @@
+"""The tracking server lost while the train stage runs: a real `mlflow server` (SQLite store)
+SIGKILLed once the first epoch is logged.
+
+- Back (same port, same store) while training still runs: training goes on without a worker
+  restart, the epochs trained meanwhile are logged once the server answers, each exactly
+  once, and the run ends FINISHED.
+- Still down when training ends: the stage stops with an error naming the server and the
+  epochs it lacks, the run is not marked failed, and the rerun after the server is back
+  resumes from the last checkpoint and logs them, each exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from cli.procs import ProcessRecord, free_port, spawn, stop_processes, wait_until
+from cli.services import base_env
+from pipeline.train.checkpoints import checkpoint_dirs
+from tests.conftest import stage_env
+
+
+class TrackingServer:
+    """`mlflow server` on 127.0.0.1:<port> with a SQLite store in `folder`, which survive a
+    kill: start() after kill() is the same server coming back."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True)
+        self.folder, self.port = folder, free_port("127.0.0.1")
+        self.uri, self.db = f"http://127.0.0.1:{self.port}", folder / "server.db"
+        self.record: ProcessRecord | None = None
+
+    def start(self) -> None:
+        argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}"]
+        argv += ["--artifacts-destination", str(self.folder / "artifacts")]
+        log = self.folder / "server.log"
+        proc, self.record = spawn("mlflow", argv, log, base_env(), stop_signal=signal.SIGKILL)
+        wait_until(self.healthy, proc, self.record, timeout_s=180)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.uri}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILLs the server and its workers: an outage, not a clean shutdown."""
+        stop_processes([self.record])
+        assert not self.healthy()
+
+    def query(self, sql: str) -> list[tuple]:
+        """Rows from the store itself (readable while the server is down)."""
+        with sqlite3.connect(self.db, timeout=30) as conn:
+            return conn.execute(sql).fetchall()
+
+    def logged_steps(self) -> set[int]:
+        return {s for (s,) in self.query("SELECT step FROM metrics WHERE key = 'val_top1_error'")}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[TrackingServer]:
+    server = TrackingServer(tmp_path / "tracking")
+    server.start()
+    yield server
+    stop_processes([server.record])
+
+
+def train(ws: Path, uri: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=ws,
+        env=stage_env() | {"MLFLOW_TRACKING_URI": uri, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    """Waits for the stage and returns its stderr; a stage still running is Ctrl-C'd."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # lets it stop its own Ray
+            proc.communicate(timeout=120)
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Polls `predicate` until true; fails if the stage exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited before {what}:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def checkpointed(ws: Path) -> int:
+    """The newest epoch Ray Train has written a checkpoint folder for (0: none yet)."""
+    runs = list((ws / "artifacts/checkpoints").glob("alexnet-*"))
+    dirs = checkpoint_dirs(runs[0]) if runs else []
+    return int(dirs[0].name.split("-")[1]) if dirs else 0
+
+
+def assert_every_epoch_logged_once(uri: str, ws: Path, epochs: int) -> None:
+    """Each per-epoch metric holds steps 1..epochs once, with the values of the stage's own
+    history, and the run is FINISHED."""
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("alexnet").experiment_id])
+    assert run.info.status == "FINISHED"
+    with (ws / "plots/train_history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in history] == list(range(1, epochs + 1))
+    for key in (k for k in history[0] if k != "epoch"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert [s for s, _ in logged] == list(range(1, epochs + 1)), f"{key}: steps {[s for s, _ in logged]}"
+        assert [v for _, v in logged] == pytest.approx([float(row[key]) for row in history]), key
+
+
+def test_training_goes_on_through_an_outage_and_logs_every_epoch_once(workspace_copy, server) -> None:
+    epochs = 40  # enough that training outlasts the server's restart (~10 s) several times over
+    ws = workspace_copy("outage", {"train": {"epochs": epochs}})
+    proc = train(ws, server.uri)
+    try:
+        wait_for(lambda: 1 in server.logged_steps(), proc, "epoch 1 in MLflow")
+        server.kill()
+        down_at = checkpointed(ws)
+        wait_for(lambda: checkpointed(ws) >= down_at + 3, proc, "three epochs trained during the outage")
+        unlogged = set(range(1, checkpointed(ws) + 1)) - server.logged_steps()
+        assert len(unlogged) >= 3, f"epochs trained while the server was down: {sorted(unlogged)}"
+        server.start()
+        assert proc.poll() is None, "training ended before the server was back: raise `epochs`"
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 0, err[-5000:]
+    summary = json.loads((ws / "metrics/train.json").read_text())
+    assert summary["epochs_run"] == epochs and summary["restarts"] == 0, "the outage restarted the worker"
+    assert f"MLflow tracking server {server.uri} does not take metrics" in err
+    assert f"MLflow tracking server {server.uri} is back: buffered epochs logged" in err
+    assert_every_epoch_logged_once(server.uri, ws, epochs)
+
+
+def test_an_outage_at_the_end_stops_clearly_and_the_rerun_logs_the_rest(workspace_copy, server) -> None:
+    epochs = 6
+    ws = workspace_copy("outage-at-end", {"train": {"epochs": epochs}})
+    # The driver's own MLflow calls follow MLflow's retry settings (default: ~4 min of retries).
+    fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = train(ws, server.uri, **fail_fast)
+    try:
+        wait_for(lambda: 1 in server.logged_steps(), proc, "epoch 1 in MLflow")
+        server.kill()
+    finally:
+        err = finish(proc)
+    assert proc.returncode != 0
+    assert set(range(1, epochs + 1)) - server.logged_steps(), "every epoch was logged before the outage"
+    # The driver cannot tell which epochs the server holds: it names them all.
+    unchecked = list(range(1, epochs + 1))
+    expected = f"MLflow tracking server {server.uri} does not answer: the metrics of epochs {unchecked} "
+    assert expected in err, err[-5000:]
+    assert checkpointed(ws) == epochs, "training did not go on through the outage"
+    assert not (ws / "artifacts/model/model.pt").exists(), "outputs written for an incomplete run"
+    assert server.query("SELECT status FROM runs") == [("RUNNING",)], "the outage marked the run failed"
+
+    server.start()
+    rerun = train(ws, server.uri, **fail_fast)
+    err = finish(rerun)
+    assert rerun.returncode == 0, err[-5000:]
+    assert json.loads((ws / "metrics/train.json").read_text())["epochs_run"] == epochs
+    assert_every_epoch_logged_once(server.uri, ws, epochs)
