@@ -376,6 +376,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         with path.open(encoding="utf-8") as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        mark, context = e.problem_mark, f" ({e.context})" if e.context else ""
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsError(f"{path}: not a valid YAML file: {where}{e.problem}{context}") from None
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: ints over 4300 digits
         raise ParamsError(f"{path}: not a valid YAML file: {e}") from None
     if not isinstance(raw, dict):
