@@ -194,17 +194,21 @@ class EpochLogger:
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """Logs one epoch's metrics (every key but `epoch` itself) unless the run holds them;
         buffers them while the server does not take them."""
+        self._buffer(metrics)
+        self.flush()
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Logs the checkpointed epochs the run does not hold yet (one attempt for all)."""
+        for metrics in history:
+            self._buffer(metrics)
+        self.flush()
+
+    def _buffer(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         step, now = int(metrics["epoch"]), int(time.time() * 1000)
         if step not in self.pending and not (self.logged and step in self.logged):
             self.pending[step] = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-        self.flush()
-
-    def backfill(self, history: list[dict[str, float]]) -> None:
-        """Logs the checkpointed epochs the run does not hold yet."""
-        for metrics in history:
-            self.log_epoch(metrics)
 
     def require(self, history: list[dict[str, float]]) -> None:
         """Logs every epoch of a finished training the run lacks (the worker may have ended
