@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
 from models.rules import check_switches, crop_range
+from pipeline import yamlfile
 from pipeline.data.ilsvrc import MAX_TRAIN_PER_CLASS, MAX_VAL_PER_CLASS, NUM_SYNSETS
 
 PARAMS_FILE = Path("params.yaml")
@@ -339,24 +338,6 @@ def parse_section(name: str, raw: Any, cls: type[T]) -> T:
     return cls(**raw)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # The mapping's own keys, before merge keys (<<) flatten their entries in.
-        own = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
-        mapping = super().construct_mapping(node, deep=deep)  # refuses unhashable keys
-        seen: set[Any] = set()
-        for key_node in own:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return mapping
-
-
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Reads and validates every section of a params file.
 
@@ -374,14 +355,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        with path.open(encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-    except yaml.MarkedYAMLError as e:
-        mark, context = e.problem_mark, f" ({e.context})" if e.context else ""
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ParamsError(f"{path}: not a valid YAML file: {where}{e.problem}{context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: ints over 4300 digits
-        raise ParamsError(f"{path}: not a valid YAML file: {e}") from None
+        raw = yamlfile.load(path) or {}
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS), key=str)
