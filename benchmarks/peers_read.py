@@ -1,0 +1,167 @@
+"""Benchmark of the training input path against the peers' loaders on the same stored images.
+
+Shards the corpus of benchmarks/preprocess.py (built once, cached in --workdir) at 256 px
+with `write_shards` (every image in one train split, both formats), copies the same JPEG
+bytes into each peer's format (benchmarks/peer_readers.py `prepare`), then measures the
+images/s each loader delivers to a training loop as shuffled (B, 3, crop, crop) float32
+batches with the same work per image, our `TrainAugment` (decode, random crop, flip,
+PCA lighting, normalise), on the same --cpus cores:
+
+- ours: `read_shards` -> a Ray Data streaming_split iterator (as `get_dataset_shard`
+  hands a Ray Train worker) -> `epoch_batches` -> `augmented_batches` (TrainAugment on
+  --cpus threads), over our Parquet shards (data.format's default) and, for reference,
+  our WebDataset shards;
+- litdata: `StreamingDataset` + `StreamingDataLoader` (litdata 0.2.76) over its chunks;
+- mds: MosaicML `StreamingDataset` (mosaicml-streaming 0.13.0) + `DataLoader` over MDS;
+- webdataset: the `webdataset` library's `WebDataset` + `WebLoader` over OUR tars;
+- imagefolder: torchvision `ImageFolder` + `DataLoader` over one file per image.
+
+Every peer loader runs --cpus worker processes, each applying TrainAugment to whole
+batches (its collate_fn), in the peers' venv (benchmarks/peers_env.py).
+
+Clock rules, the same for all: start-up is counted for none. Each path runs one untimed
+pass first (it starts the loader's worker processes, which persist; our Ray is up before
+it), then --epochs timed passes. Other users share the cores, so the paths run in
+--rounds rounds in rotated order; each path's best pass counts. The last line is
+`read_vs_best_peer: X` (ours over Parquet, images/s, over the fastest peer's).
+
+Usage: .venv/bin/python benchmarks/peers_read.py [--images 5000] [--crop 224] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.input_pipeline import STATS, consume  # noqa: E402
+from benchmarks.peers_env import peers_python, run_peer  # noqa: E402
+from benchmarks.preprocess import build_corpus  # noqa: E402
+from pipeline.config import ShardParams  # noqa: E402
+from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
+from pipeline.data.shard_writer import write_shards  # noqa: E402
+from pipeline.data.shards import ShardMeta, read_shards  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.transforms import TrainAugment  # noqa: E402
+
+SIZE = 256
+SHARD_SIZE = 250  # 20 shards for 5,000 images, as benchmarks/input_pipeline.py
+PCA_STD = 0.1
+SEED = 0
+PEERS = {
+    "litdata": "litdata StreamingDataset + StreamingDataLoader",
+    "mds": "mds StreamingDataset + DataLoader",
+    "webdataset": "webdataset WebDataset + WebLoader (our tars)",
+    "imagefolder": "torchvision ImageFolder + DataLoader",
+}
+OURS = "ours (Parquet shards)"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _tars(data: Path) -> list[str]:
+    """Our WebDataset shards of the benchmark data."""
+    return ShardMeta.read(str(data / "shards")).files("train", "webdataset")
+
+
+def ensure_data(corpus: Path, out: Path, workers: int) -> None:
+    """Our shards (both formats, one train split) in out/shards and the peers' copies in
+    out/peers, built once per corpus."""
+    manifest = out / "bench.json"
+    wanted = {"corpus": str(corpus), "size": SIZE, "shard_size": SHARD_SIZE, "version": 1}
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+        return
+    catalog = ingest_imagenet(str(corpus))
+    records = [dataclasses.replace(r, split="train") for r in catalog.records]
+    settings = ShardParams(size=SIZE, format="both", shard_size=SHARD_SIZE)
+    write_shards(records, out / "shards", classes=catalog.classes, settings=settings, progress=False)
+    tars = _tars(out)
+    copied = run_peer("peer_readers", "prepare", tars=tars, out=str(out / "peers"), workers=workers)
+    if copied["samples"] != len(records):
+        raise RuntimeError(f"peers' copies hold {copied['samples']} of {len(records)} images")
+    manifest.write_text(json.dumps(wanted))
+
+
+def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[float]:
+    """Images/s of --epochs timed passes of our training input path, after an untimed one."""
+    import time
+
+    ds = read_shards(str(shards), "train", fmt=fmt, decode=False)
+    # As Ray Train's DataConfig(execution_options=ExecutionOptions(preserve_order=True)) does.
+    ds.context.execution_options.preserve_order = True
+    it = ds.streaming_split(1, equal=True)[0]
+    augment = TrainAugment(STATS, args.crop, PCA_STD, threads=args.cpus)
+    rates = []
+    for epoch in range(1 + args.epochs):
+        start = time.perf_counter()
+        n = consume(augmented_batches(epoch_batches(it, args.batch, SEED, epoch), augment, SEED, epoch, 0))
+        if epoch:
+            rates.append(n / (time.perf_counter() - start))
+    augment.close()
+    return rates
+
+
+def peer(loader: str, data: Path, args: argparse.Namespace) -> list[float]:
+    """Images/s of --epochs timed passes of one peer loader (peers' venv)."""
+    return run_peer(
+        "peer_readers", "read", loader=loader, data=str(data / "peers"),
+        tars=_tars(data), batch=args.batch,
+        workers=args.cpus, epochs=args.epochs, crop=args.crop, pca_std=PCA_STD,
+        stats=dataclasses.asdict(STATS), seed=SEED,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=5000, help="corpus size (all read as train)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/alexnet-preprocess-bench"))
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray CPUs, threads, loader workers")
+    ap.add_argument("--epochs", type=int, default=2, help="timed passes per path and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    peers_python()  # build the peers' venv before any clock
+    print(f"load avg before: {_load()}", flush=True)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)  # fmt: skip
+    corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
+    data = args.workdir / "peers-read"
+    ensure_data(corpus, data, args.cpus)
+    paths: dict[str, Callable[[], list[float]]] = {
+        OURS: lambda: ours(data / "shards", "parquet", args),
+        "ours (WebDataset shards)": lambda: ours(data / "shards", "webdataset", args),
+        **{label: (lambda loader=loader: peer(loader, data, args)) for loader, label in PEERS.items()},
+    }
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            got = paths[name]()
+            rates[name] += got
+            shown = ", ".join(f"{x:.0f}" for x in got)
+            print(f"  round {r + 1}: {name}: {shown} images/s (load avg: {_load()})", flush=True)
+    ray.shutdown()
+    best = {name: max(r) for name, r in rates.items()}
+    for name, rate in best.items():
+        print(f"{name}: {rate:.1f} images/s (passes: {', '.join(f'{r:.0f}' for r in rates[name])})")
+    peers = {PEERS[k]: best[PEERS[k]] for k in PEERS}
+    fastest = max(peers, key=peers.get)
+    print(f"fastest peer: {fastest}; batch {args.batch}, crop {args.crop}, {args.cpus} cores, "
+          "start-up not counted")  # fmt: skip
+    print(f"read_vs_best_peer: {best[OURS] / peers[fastest]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
