@@ -10,7 +10,10 @@ Atomicity: everything is written into a fresh sibling staging folder
 each shard there is written under a temporary name and renamed when whole, meta.json is
 written last, and the staging folder then replaces `out_dir` (`storage.publish_dir`). A
 run interrupted at any point leaves either the previous output or nothing usable under
-`out_dir` (no meta.json), and a rerun produces the same bytes as a clean run.
+`out_dir` (no meta.json), and a rerun produces the same bytes as a clean run. The shard
+tasks do not fsync: a driver thread fsyncs each shard's files as its task reports, while
+the workers go on computing, and the folders after the last shard, all before meta.json
+is written (a worker waiting on its own fsyncs left its core idle).
 
 Parallelism: one Ray task per shard (reads its files, preprocesses, writes its Parquet
 part and tar, returns counts and quarantine rows); the driver keeps at most
@@ -29,6 +32,7 @@ import shutil
 import tarfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
 from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
 from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, shard_path
-from pipeline.storage import atomic_write_bytes, publish_dir
+from pipeline.storage import atomic_write_bytes, publish_dir, sync_paths
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
 QUARANTINE_HEADER = ("split", "path", "reason")
@@ -230,7 +234,10 @@ def _loaded() -> None:
 
 
 def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) -> list[dict]:
-    """Runs one Ray task per job, at most `max_in_flight` pending; results in job order."""
+    """Runs one Ray task per job, at most `max_in_flight` pending; results in job order.
+
+    Every shard file and folder is on disk (fsynced) when this returns.
+    """
     if max_in_flight is None:
         max_in_flight = 2 * cluster_cpus()
     remote = ray.remote(_write_shard)
@@ -238,16 +245,28 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
     pending: dict[ray.ObjectRef, int] = {}
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
     next_job = 0
-    while next_job < len(jobs) or pending:
-        while next_job < len(jobs) and len(pending) < max_in_flight:
-            pending[remote.remote(jobs[next_job])] = next_job
-            next_job += 1
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done)
-        results[i] = ray.get(done)
-        bar.update(len(jobs[i].records))
+    with ThreadPoolExecutor(1, thread_name_prefix="fsync") as syncer:
+        synced = []
+        while next_job < len(jobs) or pending:
+            while next_job < len(jobs) and len(pending) < max_in_flight:
+                pending[remote.remote(jobs[next_job])] = next_job
+                next_job += 1
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            results[i] = ray.get(done)
+            synced.append(syncer.submit(sync_paths, _job_files(jobs[i])))
+            bar.update(len(jobs[i].records))
+        for future in synced:
+            future.result()  # re-raises a failed fsync
     bar.close()
+    staging = Path(jobs[0].staging)
+    sync_paths(staging / f / s for f in jobs[0].formats for s in SPLITS)
     return results
+
+
+def _job_files(job: _ShardJob) -> list[Path]:
+    """The files `_write_shard` writes for `job`, in `job.formats` order."""
+    return [Path(job.staging) / shard_path(f, job.split, job.index) for f in job.formats]
 
 
 def _write_shard(job: _ShardJob) -> dict:
@@ -265,9 +284,9 @@ def _write_shard(job: _ShardJob) -> dict:
             kept.append((rec, result))
         else:
             quarantine.append((rec.split, rec.path, result.reason))
-    for fmt in job.formats:
-        data = _ENCODERS[fmt](kept)
-        atomic_write_bytes(Path(job.staging) / shard_path(fmt, job.split, job.index), data)
+    for fmt, path in zip(job.formats, _job_files(job), strict=True):
+        # fsync=False: _run_jobs fsyncs them on the driver (module docstring, "Atomicity").
+        atomic_write_bytes(path, _ENCODERS[fmt](kept), fsync=False)
     return {
         "split": job.split,
         "index": job.index,
@@ -277,7 +296,7 @@ def _write_shard(job: _ShardJob) -> dict:
     }
 
 
-def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
+def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> pa.Buffer:
     """One Parquet part: the SCHEMA columns, one row per kept image."""
     table = pa.table(
         {
@@ -295,27 +314,30 @@ def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
     buf = pa.BufferOutputStream()
     # JPEG bytes do not compress; the small columns are not worth a codec either.
     pq.write_table(table, buf, compression="none")
-    return buf.getvalue().to_pybytes()
+    return buf.getvalue()  # written as it is, not copied into a bytes object first
 
 
-def _tar_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
-    """One WebDataset tar: <key>.jpg then <key>.cls (ascii label) per kept image."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for rec, p in kept:
-            _add_member(tar, f"{rec.key}.jpg", p.jpeg)
-            _add_member(tar, f"{rec.key}.cls", str(rec.label).encode())
-    return buf.getvalue()
+def _tar_chunks(kept: list[tuple[Record, Processed]]) -> list[bytes]:
+    """One WebDataset tar, <key>.jpg then <key>.cls (ascii label) per kept image, in pieces.
+
+    Exactly the bytes `tarfile.open(mode="w")` writes for these members (TarInfo
+    defaults: mtime 0, uid/gid 0, no user names, so reproducible), without its per-member
+    file objects: each member is its header, its payload and zeros to the next 512-byte
+    block; the archive ends with two zero blocks, padded to tarfile's 10240-byte record.
+    """
+    chunks: list[bytes] = []
+    for rec, p in kept:
+        for name, payload in ((f"{rec.key}.jpg", p.jpeg), (f"{rec.key}.cls", str(rec.label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            chunks += [info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"), payload]
+            chunks.append(bytes(-len(payload) % tarfile.BLOCKSIZE))
+    end = 2 * tarfile.BLOCKSIZE
+    chunks.append(bytes(end + -(sum(map(len, chunks)) + end) % tarfile.RECORDSIZE))
+    return chunks
 
 
-_ENCODERS = {"parquet": _parquet_bytes, "webdataset": _tar_bytes}
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # TarInfo defaults (mtime 0, uid/gid 0, no user names) keep the tar bytes reproducible.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
+_ENCODERS = {"parquet": _parquet_bytes, "webdataset": _tar_chunks}
 
 
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:
