@@ -7,8 +7,9 @@ work per image: `AugmentCollate`, i.e. our `TrainAugment` (decode, random crop, 
 PCA lighting, normalise) on a batch in each loader worker process.
 
 `read` runs one loader for 1 + `epochs` passes over the data on `workers` worker
-processes (persistent across passes) and returns the images/s of each timed pass; the
-first pass starts the worker processes and is not timed.
+processes (persistent across passes) and returns [images, seconds, CPU seconds of all
+its processes] of each timed pass; the first pass starts the worker processes and is not
+timed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.peers_env import cpu_seconds
 from pipeline.data.stats import ColorStats
 from pipeline.transforms import TrainAugment
 
@@ -168,8 +170,9 @@ _BUILDERS: dict[str, Callable[..., Iterable]] = {
 def read(
     loader: str, data: str, tars: list[str], batch: int, workers: int, epochs: int, crop: int,
     pca_std: float, stats: dict[str, Any], seed: int,
-) -> list[float]:  # fmt: skip
-    """Images/s of `epochs` timed passes of one peer loader, after one untimed pass.
+) -> list[list[float]]:  # fmt: skip
+    """[images, seconds, CPU seconds] of `epochs` timed passes of one peer loader, after one
+    untimed pass.
 
     Args:
         loader: One of LOADERS.
@@ -182,15 +185,15 @@ def read(
     """
     collate = AugmentCollate(stats, crop, pca_std, seed)
     batches = _BUILDERS[loader](data, tars, batch, workers, collate)
-    rates = []
+    passes = []
     for epoch in range(1 + epochs):
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         n = 0
         for x, y in batches:
             if x.shape != (batch, 3, crop, crop) or x.dtype != torch.float32 or y.shape != (batch,):
                 raise RuntimeError(f"{loader} delivered x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)}")
             n += len(y)
         if epoch:
-            rates.append(n / (time.perf_counter() - start))
-    return rates
+            passes.append([n, time.perf_counter() - start, cpu_seconds() - cpu])
+    return passes
 

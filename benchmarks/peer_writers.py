@@ -2,9 +2,10 @@
 
 Each writer turns the same inputs into its own shard format with our per-image function
 (`sample`: read the file, `preprocess_image`, the columns of our Parquet shards) on
-`workers` processes. Each returns {"seconds", "written"}: its own elapsed seconds, timed
-from when its processes can start work (torch and the peer imported, pools up) to when
-its output is complete, and the number of samples its index lists.
+`workers` processes. Each returns {"seconds", "cpu", "written"}: its own elapsed seconds,
+timed from when its processes can start work (torch and the peer imported, pools up) to
+when its output is complete, the CPU seconds all its processes spent meanwhile, and the
+number of samples its index lists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import time
 from typing import Any
 
+from benchmarks.peers_env import cpu_seconds
 from pipeline.data.preprocess import Processed, preprocess_image
 
 # Our Parquet shards' columns, in MosaicML's encodings.
@@ -58,7 +60,7 @@ def litdata_write(items: list[list[Any]], out: str, workers: int, size: int, qua
     from litdata import optimize
 
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     optimize(
         fn=functools.partial(sample, size=size, quality=quality),
         inputs=items,
@@ -69,10 +71,10 @@ def litdata_write(items: list[list[Any]], out: str, workers: int, size: int, qua
         mode="overwrite",
         verbose=False,
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     with open(f"{out}/index.json") as f:
         written = sum(chunk["chunk_size"] for chunk in json.load(f)["chunks"])
-    return {"seconds": seconds, "written": written}
+    return {"seconds": seconds, "cpu": cpu, "written": written}
 
 
 def _mds_part(part: int, items: list[list[Any]], out: str, size: int, quality: int) -> None:
@@ -95,11 +97,11 @@ def mds_write(items: list[list[Any]], out: str, workers: int, size: int, quality
     per = -(-len(items) // workers)
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(abs, range(workers))  # processes up
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         args = [(i, items[i * per : (i + 1) * per], out, size, quality) for i in range(workers)]
         pool.starmap(_mds_part, args)
         merge_index(out, keep_local=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     with open(f"{out}/index.json") as f:
         written = sum(shard["samples"] for shard in json.load(f)["shards"])
-    return {"seconds": seconds, "written": written}
+    return {"seconds": seconds, "cpu": cpu, "written": written}

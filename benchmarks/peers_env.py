@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".peers-venv"
 PEERS = ("litdata==0.2.76", "mosaicml-streaming==0.13.0", "webdataset==1.0.2")
 # What pipeline.data.preprocess and pipeline.transforms import (ray and pyarrow come in
-# with ColorStats, whose module runs the stats job), at the project's pins, no extras.
-SHARED = ("torch", "torchvision", "simplejpeg", "pillow", "pyarrow", "ray")
+# with ColorStats, whose module runs the stats job), and psutil for `cpu_seconds`, at the
+# project's pins, without extras.
+SHARED = ("torch", "torchvision", "simplejpeg", "pillow", "pyarrow", "ray", "psutil")
 # No update checks or telemetry from the peers: the benchmark talks to nothing.
 QUIET = {"LITDATA_DISABLE_VERSION_CHECK": "1", "DO_NOT_TRACK": "1"}
 
@@ -60,9 +61,35 @@ def peers_python() -> Path:
         return python
     print(f"building {VENV} with {' '.join(wanted)} (once; a few minutes)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # pip sees only the venv
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], env=env, check=True)
     stamp.write_text(json.dumps(wanted))  # last: an interrupted build is redone
     return python
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and all its descendants.
+
+    Living descendants as psutil reads them (with the children they reaped), exited ones
+    as the kernel charged them to this process (RUSAGE_CHILDREN), so the difference of two
+    readings is what a path spent in between, whichever processes it started or ended:
+    on a shared machine a rate depends on the other users' load, this much less.
+    """
+    import resource
+
+    import psutil
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited since the listing: charged to its parent by now
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def run_peer(module: str, function: str, **kwargs: Any) -> Any:

@@ -22,8 +22,10 @@ batches (its collate_fn), in the peers' venv (benchmarks/peers_env.py).
 Clock rules, the same for all: start-up is counted for none. Each path runs one untimed
 pass first (it starts the loader's worker processes, which persist; our Ray is up before
 it), then --epochs timed passes. Other users share the cores, so the paths run in
---rounds rounds in rotated order; each path's best pass counts. The last line is
-`read_vs_best_peer: X` (ours over Parquet, images/s, over the fastest peer's).
+--rounds rounds in rotated order; each path's best pass counts, and every pass also
+reports the CPU seconds all the path's processes spent per image (benchmarks/rounds.py).
+The last line is `read_vs_best_peer: X` (ours over Parquet, images/s, over the fastest
+peer's).
 
 Usage: .venv/bin/python benchmarks/peers_read.py [--images 5000] [--crop 224] [--batch 128]
 """
@@ -35,6 +37,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +46,9 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.input_pipeline import STATS, consume  # noqa: E402
-from benchmarks.peers_env import peers_python, run_peer  # noqa: E402
+from benchmarks.peers_env import cpu_seconds, peers_python, run_peer  # noqa: E402
 from benchmarks.preprocess import build_corpus  # noqa: E402
+from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
@@ -63,10 +67,6 @@ PEERS = {
     "imagefolder": "torchvision ImageFolder + DataLoader",
 }
 OURS = "ours (Parquet shards)"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _tars(data: Path) -> list[str]:
@@ -92,33 +92,32 @@ def ensure_data(corpus: Path, out: Path, workers: int) -> None:
     manifest.write_text(json.dumps(wanted))
 
 
-def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[float]:
-    """Images/s of --epochs timed passes of our training input path, after an untimed one."""
-    import time
-
+def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[Run]:
+    """--epochs timed passes of our training input path, after an untimed one."""
     ds = read_shards(str(shards), "train", fmt=fmt, decode=False)
     # As Ray Train's DataConfig(execution_options=ExecutionOptions(preserve_order=True)) does.
     ds.context.execution_options.preserve_order = True
     it = ds.streaming_split(1, equal=True)[0]
     augment = TrainAugment(STATS, args.crop, PCA_STD, threads=args.cpus)
-    rates = []
+    runs = []
     for epoch in range(1 + args.epochs):
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         n = consume(augmented_batches(epoch_batches(it, args.batch, SEED, epoch), augment, SEED, epoch, 0))
         if epoch:
-            rates.append(n / (time.perf_counter() - start))
+            runs.append(Run(n, time.perf_counter() - start, cpu_seconds() - cpu))
     augment.close()
-    return rates
+    return runs
 
 
-def peer(loader: str, data: Path, args: argparse.Namespace) -> list[float]:
-    """Images/s of --epochs timed passes of one peer loader (peers' venv)."""
-    return run_peer(
+def peer(loader: str, data: Path, args: argparse.Namespace) -> list[Run]:
+    """--epochs timed passes of one peer loader (peers' venv)."""
+    passes = run_peer(
         "peer_readers", "read", loader=loader, data=str(data / "peers"),
         tars=_tars(data), batch=args.batch,
         workers=args.cpus, epochs=args.epochs, crop=args.crop, pca_std=PCA_STD,
         stats=dataclasses.asdict(STATS), seed=SEED,
     )  # fmt: skip
+    return [Run(int(n), seconds, cpu) for n, seconds, cpu in passes]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,34 +132,23 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     peers_python()  # build the peers' venv before any clock
-    print(f"load avg before: {_load()}", flush=True)
+    print(f"load avg before: {load()}", flush=True)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False,
              log_to_driver=False)  # fmt: skip
     corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
     data = args.workdir / "peers-read"
     ensure_data(corpus, data, args.cpus)
-    paths: dict[str, Callable[[], list[float]]] = {
+    paths: dict[str, Callable[[], list[Run]]] = {
         OURS: lambda: ours(data / "shards", "parquet", args),
         "ours (WebDataset shards)": lambda: ours(data / "shards", "webdataset", args),
         **{label: (lambda loader=loader: peer(loader, data, args)) for loader, label in PEERS.items()},
     }
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    names = list(paths)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            got = paths[name]()
-            rates[name] += got
-            shown = ", ".join(f"{x:.0f}" for x in got)
-            print(f"  round {r + 1}: {name}: {shown} images/s (load avg: {_load()})", flush=True)
+    runs = run_rounds(paths, args.rounds)
     ray.shutdown()
-    best = {name: max(r) for name, r in rates.items()}
-    for name, rate in best.items():
-        print(f"{name}: {rate:.1f} images/s (passes: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    peers = {PEERS[k]: best[PEERS[k]] for k in PEERS}
-    fastest = max(peers, key=peers.get)
+    fastest, ratio = report(runs, OURS, list(PEERS.values()))
     print(f"fastest peer: {fastest}; batch {args.batch}, crop {args.crop}, {args.cpus} cores, "
           "start-up not counted")  # fmt: skip
-    print(f"read_vs_best_peer: {best[OURS] / peers[fastest]:.2f}")
+    print(f"read_vs_best_peer: {ratio:.2f}")
 
 
 if __name__ == "__main__":

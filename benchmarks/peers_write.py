@@ -24,10 +24,12 @@ and stops when the whole output is on disk (ours: meta.json written and the fold
 swapped in; litdata: `optimize()` returned; MosaicML: the merged index written).
 
 Other users share the cores, so the paths run in --rounds rounds, each in a rotated order,
-and each path's best round counts. The last line is `write_vs_best_peer: X` (our
-images/s, both formats, over the fastest peer's).
+and each path's best round counts (benchmarks/rounds.py); every run also reports the CPU
+seconds all of the path's processes spent per image, which the other users' load moves
+much less. The last line is `write_vs_best_peer: X` (our images/s, both formats, over
+the fastest peer's).
 
-Usage: .venv/bin/python benchmarks/peers_write.py [--images 5000] [--rounds 2]
+Usage: .venv/bin/python benchmarks/peers_write.py [--images 5000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.peers_env import peers_python, run_peer  # noqa: E402
+from benchmarks.peers_env import cpu_seconds, peers_python, run_peer  # noqa: E402
 from benchmarks.preprocess import build_corpus  # noqa: E402
+from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE  # noqa: E402
@@ -54,27 +57,26 @@ from pipeline.data.shard_writer import warm_workers, write_shards  # noqa: E402
 from pipeline.data.shards import ShardMeta  # noqa: E402
 
 OURS = "ours (Parquet + WebDataset)"
+PEERS = {"litdata_write": "litdata optimize()", "mds_write": "mds MDSWriter + merge_index"}
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def ours(records: list[Record], out: Path, classes: list[str], args: argparse.Namespace, fmt: str) -> float:
-    """One run of the shard stage's writer; returns seconds (workers warmed first, untimed)."""
+def ours(
+    records: list[Record], out: Path, classes: list[str], args: argparse.Namespace, fmt: str
+) -> list[Run]:
+    """One run of the shard stage's writer (workers warmed first, untimed)."""
     settings = ShardParams(size=args.size, quality=args.quality, format=fmt, shard_size=args.shard_size)
     ray.get(warm_workers())
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     write_shards(records, out, classes=classes, settings=settings, progress=False)
-    seconds = time.perf_counter() - start
+    run = Run(len(records), time.perf_counter() - start, cpu_seconds() - cpu)
     written = sum(ShardMeta.read(str(out)).counts.values())
     if written != len(records):
         raise RuntimeError(f"ours wrote {written} of {len(records)} inputs")
-    return seconds
+    return [run]
 
 
-def peer(function: str, records: list[Record], out: Path, args: argparse.Namespace) -> float:
-    """One run of a peer writer in the peers' venv; returns its seconds."""
+def peer(function: str, records: list[Record], out: Path, args: argparse.Namespace) -> list[Run]:
+    """One run of a peer writer in the peers' venv."""
     items = [[r.key, r.label, r.wnid, r.path] for r in records]
     result = run_peer(
         "peer_writers", function, items=items, out=str(out), workers=args.workers, size=args.size,
@@ -82,7 +84,7 @@ def peer(function: str, records: list[Record], out: Path, args: argparse.Namespa
     )  # fmt: skip
     if result["written"] != len(records):
         raise RuntimeError(f"{function} wrote {result['written']} of {len(records)} inputs")
-    return result["seconds"]
+    return [Run(len(records), result["seconds"], result["cpu"])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,39 +95,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=int, default=250, help="our images per shard (as preprocess.py)")
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE)
     ap.add_argument("--quality", type=int, default=DEFAULT_QUALITY)
-    ap.add_argument("--rounds", type=int, default=2, help="runs per path (best counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per path (best counts)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     peers_python()  # build the peers' venv before any clock
-    print(f"load avg before: {_load()}", flush=True)
+    print(f"load avg before: {load()}", flush=True)
     catalog = ingest_imagenet(str(build_corpus(args.workdir / "corpus", args.images, args.seed)))
     records = catalog.records
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, configure_logging=False,
              log_to_driver=False)  # fmt: skip
     scratch = args.workdir / "peers-write"
-    paths: dict[str, Callable[[], float]] = {
+    paths: dict[str, Callable[[], list[Run]]] = {
         OURS: lambda: ours(records, scratch / "ours", catalog.classes, args, "both"),
         "ours (Parquet only)": lambda: ours(records, scratch / "ours", catalog.classes, args, "parquet"),
-        "litdata optimize()": lambda: peer("litdata_write", records, scratch / "litdata", args),
-        "mds MDSWriter + merge_index": lambda: peer("mds_write", records, scratch / "mds", args),
+        **{label: (lambda f=f: peer(f, records, scratch / f, args)) for f, label in PEERS.items()},
     }
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    names = list(paths)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            rates[name].append(len(records) / paths[name]())
-            rate = rates[name][-1]
-            print(f"  round {r + 1}: {name}: {rate:.0f} images/s (load avg: {_load()})", flush=True)
+    runs = run_rounds(paths, args.rounds)
     ray.shutdown()
     shutil.rmtree(scratch)
-    best = {name: max(r) for name, r in rates.items()}
-    for name, rate in best.items():
-        print(f"{name}: {rate:.1f} images/s (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    peers = {name: rate for name, rate in best.items() if not name.startswith("ours")}
-    fastest = max(peers, key=peers.get)
+    fastest, ratio = report(runs, OURS, list(PEERS.values()))
     print(f"fastest peer: {fastest}; {len(records)} images, {args.workers} workers, start-up not counted")
-    print(f"write_vs_best_peer: {best[OURS] / peers[fastest]:.2f}")
+    print(f"write_vs_best_peer: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -72,14 +72,14 @@ def absolute(path: str) -> str:
 
 
 def atomic_write_bytes(
-    path: str | Path, data: bytes | list[bytes], mode: int = 0o666, *, fsync: bool = True
+    path: str | Path, data: bytes | memoryview | list[bytes], mode: int = 0o666, *, fsync: bool = True
 ) -> None:
     """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it over `path`.
 
     Args:
         path: The file to write.
-        data: Its whole content: a bytes-like object (bytes, memoryview, pyarrow Buffer),
-            or a list of them written one after the other (never joined into one copy).
+        data: Its whole content, or a list of pieces written one after the other (never
+            joined into one copy).
         mode: Permission bits the file is created with (less the umask): 0o600 for files
             holding secrets, which are then never readable by others, not even briefly.
         fsync: False leaves making the bytes durable to the caller (`sync_paths`), for

@@ -296,7 +296,7 @@ def _write_shard(job: _ShardJob) -> dict:
     }
 
 
-def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> pa.Buffer:
+def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> memoryview:
     """One Parquet part: the SCHEMA columns, one row per kept image."""
     table = pa.table(
         {
@@ -314,7 +314,7 @@ def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> pa.Buffer:
     buf = pa.BufferOutputStream()
     # JPEG bytes do not compress; the small columns are not worth a codec either.
     pq.write_table(table, buf, compression="none")
-    return buf.getvalue()  # written as it is, not copied into a bytes object first
+    return memoryview(buf.getvalue())  # pyarrow's buffer itself, not a bytes copy of it
 
 
 def _tar_chunks(kept: list[tuple[Record, Processed]]) -> list[bytes]:
