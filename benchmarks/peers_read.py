@@ -7,10 +7,11 @@ images/s each loader delivers to a training loop as shuffled (B, 3, crop, crop) 
 batches with the same work per image, our `TrainAugment` (decode, random crop, flip,
 PCA lighting, normalise), on the same --cpus cores:
 
-- ours: `read_shards` -> a Ray Data streaming_split iterator (as `get_dataset_shard`
-  hands a Ray Train worker) -> `epoch_batches` -> `augmented_batches` (TrainAugment on
-  --cpus threads), over our Parquet shards (data.format's default) and, for reference,
-  our WebDataset shards;
+- ours: a Ray Train worker's input path (pipeline.train.batches, as pipeline.train.loop
+  runs it): its shard files of the epoch (`worker_files`), read by Ray Data one task per
+  file (`shard_rows`) -> `epoch_batches` -> `augmented_batches` (TrainAugment on --cpus
+  threads), over our Parquet shards (data.format's default) and, for reference, our
+  WebDataset shards;
 - litdata: `StreamingDataset` + `StreamingDataLoader` (litdata 0.2.76) over its chunks;
 - mds: MosaicML `StreamingDataset` (mosaicml-streaming 0.13.0) + `DataLoader` over MDS;
 - webdataset: the `webdataset` library's `WebDataset` + `WebLoader` over OUR tars;
@@ -52,8 +53,8 @@ from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
-from pipeline.data.shards import ShardMeta, read_shards  # noqa: E402
-from pipeline.train.batches import augmented_batches, epoch_batches  # noqa: E402
+from pipeline.data.shards import ShardMeta  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows, worker_files  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
 SIZE = 256
@@ -78,7 +79,7 @@ def ensure_data(corpus: Path, out: Path, workers: int) -> None:
     """Our shards (both formats, one train split) in out/shards and the peers' copies in
     out/peers, built once per corpus."""
     manifest = out / "bench.json"
-    wanted = {"corpus": str(corpus), "size": SIZE, "shard_size": SHARD_SIZE, "version": 1}
+    wanted = {"corpus": str(corpus), "size": SIZE, "shard_size": SHARD_SIZE, "version": 2}
     if manifest.exists() and json.loads(manifest.read_text()) == wanted:
         return
     catalog = ingest_imagenet(str(corpus))
@@ -93,16 +94,14 @@ def ensure_data(corpus: Path, out: Path, workers: int) -> None:
 
 
 def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[Run]:
-    """--epochs timed passes of our training input path, after an untimed one."""
-    ds = read_shards(str(shards), "train", fmt=fmt, decode=False)
-    # As Ray Train's DataConfig(execution_options=ExecutionOptions(preserve_order=True)) does.
-    ds.context.execution_options.preserve_order = True
-    it = ds.streaming_split(1, equal=True)[0]
+    """--epochs timed passes of our training input path (one worker), after an untimed one."""
+    files = ShardMeta.read(str(shards)).files("train", fmt)
     augment = TrainAugment(STATS, args.crop, PCA_STD, threads=args.cpus)
     runs = []
     for epoch in range(1 + args.epochs):
         cpu, start = cpu_seconds(), time.perf_counter()
-        n = consume(augmented_batches(epoch_batches(it, args.batch, SEED, epoch), augment, SEED, epoch, 0))
+        rows = shard_rows(worker_files(files, SEED, epoch, 0, 1), fmt, args.batch)
+        n = consume(augmented_batches(epoch_batches(rows, args.batch, SEED, epoch), augment, SEED, epoch, 0))
         if epoch:
             runs.append(Run(n, time.perf_counter() - start, cpu_seconds() - cpu))
     augment.close()
