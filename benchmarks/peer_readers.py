@@ -30,7 +30,6 @@ from benchmarks.peers_env import cpu_seconds
 from pipeline.data.stats import ColorStats
 from pipeline.transforms import TrainAugment
 
-LOADERS = ("litdata", "mds", "webdataset", "imagefolder")
 MDS_COLUMNS = {"key": "str", "label": "int", "jpeg": "bytes"}
 SHUFFLE_BUFFER = 1000  # webdataset's sample shuffle buffer (its docs' usual size)
 
@@ -175,7 +174,7 @@ def read(
     untimed pass.
 
     Args:
-        loader: One of LOADERS.
+        loader: "litdata", "mds", "webdataset" or "imagefolder".
         data: `prepare`'s output folder.
         tars: Our WebDataset shards (what the webdataset loader reads).
         batch: Images per batch.

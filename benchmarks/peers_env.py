@@ -40,8 +40,9 @@ def requirements() -> list[str]:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = {}
     for dep in deps:
-        name, version = dep.split("==")
-        pins[name.split("[")[0].lower()] = f"{name.split('[')[0]}=={version}"
+        name, exact, version = dep.partition("==")
+        if exact:
+            pins[name.split("[")[0].lower()] = f"{name.split('[')[0]}=={version}"
     missing = [name for name in SHARED if name not in pins]
     if missing:
         raise KeyError(f"pyproject.toml pins no {missing}; the peers' venv needs them")
