@@ -15,8 +15,8 @@ tasks do not fsync: a driver thread fsyncs each shard's files as its task report
 the workers go on computing, and the folders after the last shard, all before meta.json
 is written (a worker waiting on its own fsyncs left its core idle).
 
-Parallelism: one Ray task per shard (reads its files, preprocesses, writes its Parquet
-part and tar, returns counts and quarantine rows); the driver keeps at most
+Parallelism: one Ray task per shard (reads its files, preprocesses them on two threads,
+writes its Parquet part and tar, returns counts and quarantine rows); the driver keeps at most
 `max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
 number of images. Plain tasks rather than Ray Data's read/map/write: the README's
 benchmark section has the measurement.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import io
 import os
 import shutil
@@ -50,6 +51,7 @@ from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, s
 from pipeline.storage import atomic_write_bytes, publish_dir, sync_paths
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
+TASK_THREADS = 2  # per shard task (see _task_threads)
 QUARANTINE_HEADER = ("split", "path", "reason")
 
 
@@ -273,17 +275,12 @@ def _write_shard(job: _ShardJob) -> dict:
     """Ray task body: preprocess one shard's records, write its files atomically."""
     kept: list[tuple[Record, Processed]] = []
     quarantine = []
-    for rec in job.records:
-        try:
-            data = rec.pixels if rec.pixels is not None else read_record(rec)
-        except OSError as err:
-            quarantine.append((rec.split, rec.path, f"unreadable file: {err}"))
-            continue
-        result = preprocess_image(data, size=job.size, quality=job.quality)
+    preprocess = functools.partial(_preprocess_record, size=job.size, quality=job.quality)
+    for rec, result in _task_threads().map(preprocess, job.records):  # results in record order
         if isinstance(result, Processed):
             kept.append((rec, result))
         else:
-            quarantine.append((rec.split, rec.path, result.reason))
+            quarantine.append((rec.split, rec.path, result))
     for fmt, path in zip(job.formats, _job_files(job), strict=True):
         # fsync=False: _run_jobs fsyncs them on the driver (module docstring, "Atomicity").
         atomic_write_bytes(path, _ENCODERS[fmt](kept), fsync=False)
@@ -294,6 +291,28 @@ def _write_shard(job: _ShardJob) -> dict:
         "quarantine": quarantine,
         "node": ray.get_runtime_context().get_node_id(),  # where the work ran, for the stage metrics
     }
+
+
+def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Processed | str]:
+    """One record -> its stored image, or the reason it goes to the quarantine report."""
+    try:
+        data = rec.pixels if rec.pixels is not None else read_record(rec)
+    except OSError as err:
+        return rec, f"unreadable file: {err}"
+    result = preprocess_image(data, size=size, quality=quality)
+    return rec, result if isinstance(result, Processed) else result.reason
+
+
+@functools.cache
+def _task_threads() -> ThreadPoolExecutor:
+    """This worker process's preprocessing threads (TASK_THREADS), made once.
+
+    `preprocess_image` releases the GIL (libjpeg-turbo, torch), so a shard task's second
+    thread takes up whatever CPU time its worker would otherwise leave idle: while the
+    other worker serialises and writes a shard or waits for its next task, and at the
+    end, when the last task runs alone on a node that has a free core.
+    """
+    return ThreadPoolExecutor(TASK_THREADS, thread_name_prefix="preprocess")
 
 
 def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> memoryview:
