@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/archives.py
+	$(PY) benchmarks/peers_write.py
+	$(PY) benchmarks/peers_read.py
 
 clean:
 	rm -rf data artifacts metrics plots mlflow.db mlruns

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -70,14 +71,20 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None:
+def atomic_write_bytes(
+    path: str | Path, data: bytes | memoryview | list[bytes], mode: int = 0o666, *, fsync: bool = True
+) -> None:
     """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it over `path`.
 
     Args:
         path: The file to write.
-        data: Its whole content.
+        data: Its whole content, or a list of pieces written one after the other (never
+            joined into one copy).
         mode: Permission bits the file is created with (less the umask): 0o600 for files
             holding secrets, which are then never readable by others, not even briefly.
+        fsync: False leaves making the bytes durable to the caller (`sync_paths`), for
+            files that become visible only later, with a whole folder; the rename still
+            guarantees that `path` never holds a partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +92,28 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None
     tmp.unlink(missing_ok=True)  # a leftover of a crashed writer keeps its old mode under O_CREAT
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if isinstance(data, list):
+            f.writelines(data)
+        else:
+            f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def sync_paths(paths: Iterable[str | Path]) -> None:
+    """fsyncs local files and folders (a folder's fsync makes the renames in it durable).
+
+    Flushes what any process on this machine wrote to them and the disk does not hold yet
+    (on NFS, a writer's close() has already sent its bytes to the server).
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int = 0o666) -> None:

@@ -10,10 +10,13 @@ Atomicity: everything is written into a fresh sibling staging folder
 each shard there is written under a temporary name and renamed when whole, meta.json is
 written last, and the staging folder then replaces `out_dir` (`storage.publish_dir`). A
 run interrupted at any point leaves either the previous output or nothing usable under
-`out_dir` (no meta.json), and a rerun produces the same bytes as a clean run.
+`out_dir` (no meta.json), and a rerun produces the same bytes as a clean run. The shard
+tasks do not fsync: a driver thread fsyncs each shard's files as its task reports, while
+the workers go on computing, and the folders after the last shard, all before meta.json
+is written (a worker waiting on its own fsyncs left its core idle).
 
-Parallelism: one Ray task per shard (reads its files, preprocesses, writes its Parquet
-part and tar, returns counts and quarantine rows); the driver keeps at most
+Parallelism: one Ray task per shard (reads its files, preprocesses them on two threads,
+writes its Parquet part and tar, returns counts and quarantine rows); the driver keeps at most
 `max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
 number of images. Plain tasks rather than Ray Data's read/map/write: the README's
 benchmark section has the measurement.
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import io
 import os
 import shutil
 import tarfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +48,10 @@ from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
 from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
 from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, shard_path
-from pipeline.storage import absolute, atomic_write_bytes, publish_dir
+from pipeline.storage import absolute, atomic_write_bytes, publish_dir, sync_paths
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
+TASK_THREADS = 2  # per shard task (see _task_threads)
 QUARANTINE_HEADER = ("split", "path", "reason")
 
 
@@ -230,7 +236,10 @@ def _loaded() -> None:
 
 
 def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) -> list[dict]:
-    """Runs one Ray task per job, at most `max_in_flight` pending; results in job order."""
+    """Runs one Ray task per job, at most `max_in_flight` pending; results in job order.
+
+    Every shard file and folder is on disk (fsynced) when this returns.
+    """
     if max_in_flight is None:
         max_in_flight = 2 * cluster_cpus()
     remote = ray.remote(_write_shard)
@@ -238,36 +247,43 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
     pending: dict[ray.ObjectRef, int] = {}
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
     next_job = 0
-    while next_job < len(jobs) or pending:
-        while next_job < len(jobs) and len(pending) < max_in_flight:
-            pending[remote.remote(jobs[next_job])] = next_job
-            next_job += 1
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done)
-        results[i] = ray.get(done)
-        bar.update(len(jobs[i].records))
+    with ThreadPoolExecutor(1, thread_name_prefix="fsync") as syncer:
+        synced = []
+        while next_job < len(jobs) or pending:
+            while next_job < len(jobs) and len(pending) < max_in_flight:
+                pending[remote.remote(jobs[next_job])] = next_job
+                next_job += 1
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            results[i] = ray.get(done)
+            synced.append(syncer.submit(sync_paths, _job_files(jobs[i])))
+            bar.update(len(jobs[i].records))
+        for future in synced:
+            future.result()  # re-raises a failed fsync
     bar.close()
+    staging = Path(jobs[0].staging)
+    sync_paths(staging / f / s for f in jobs[0].formats for s in SPLITS)
     return results
+
+
+def _job_files(job: _ShardJob) -> list[Path]:
+    """The files `_write_shard` writes for `job`, in `job.formats` order."""
+    return [Path(job.staging) / shard_path(f, job.split, job.index) for f in job.formats]
 
 
 def _write_shard(job: _ShardJob) -> dict:
     """Ray task body: preprocess one shard's records, write its files atomically."""
     kept: list[tuple[Record, Processed]] = []
     quarantine = []
-    for rec in job.records:
-        try:
-            data = rec.pixels if rec.pixels is not None else read_record(rec)
-        except OSError as err:
-            quarantine.append((rec.split, rec.path, f"unreadable file: {err}"))
-            continue
-        result = preprocess_image(data, size=job.size, quality=job.quality)
+    preprocess = functools.partial(_preprocess_record, size=job.size, quality=job.quality)
+    for rec, result in _task_threads().map(preprocess, job.records):  # results in record order
         if isinstance(result, Processed):
             kept.append((rec, result))
         else:
-            quarantine.append((rec.split, rec.path, result.reason))
-    for fmt in job.formats:
-        data = _ENCODERS[fmt](kept)
-        atomic_write_bytes(Path(job.staging) / shard_path(fmt, job.split, job.index), data)
+            quarantine.append((rec.split, rec.path, result))
+    for fmt, path in zip(job.formats, _job_files(job), strict=True):
+        # fsync=False: _run_jobs fsyncs them on the driver (module docstring, "Atomicity").
+        atomic_write_bytes(path, _ENCODERS[fmt](kept), fsync=False)
     return {
         "split": job.split,
         "index": job.index,
@@ -277,7 +293,29 @@ def _write_shard(job: _ShardJob) -> dict:
     }
 
 
-def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
+def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Processed | str]:
+    """One record -> its stored image, or the reason it goes to the quarantine report."""
+    try:
+        data = rec.pixels if rec.pixels is not None else read_record(rec)
+    except OSError as err:
+        return rec, f"unreadable file: {err}"
+    result = preprocess_image(data, size=size, quality=quality)
+    return rec, result if isinstance(result, Processed) else result.reason
+
+
+@functools.cache
+def _task_threads() -> ThreadPoolExecutor:
+    """This worker process's preprocessing threads (TASK_THREADS), made once.
+
+    `preprocess_image` releases the GIL (libjpeg-turbo, torch), so a shard task's second
+    thread takes up whatever CPU time its worker would otherwise leave idle: while the
+    other worker serialises and writes a shard or waits for its next task, and at the
+    end, when the last task runs alone on a node that has a free core.
+    """
+    return ThreadPoolExecutor(TASK_THREADS, thread_name_prefix="preprocess")
+
+
+def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> memoryview:
     """One Parquet part: the SCHEMA columns, one row per kept image."""
     table = pa.table(
         {
@@ -295,27 +333,30 @@ def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
     buf = pa.BufferOutputStream()
     # JPEG bytes do not compress; the small columns are not worth a codec either.
     pq.write_table(table, buf, compression="none")
-    return buf.getvalue().to_pybytes()
+    return memoryview(buf.getvalue())  # pyarrow's buffer itself, not a bytes copy of it
 
 
-def _tar_bytes(kept: list[tuple[Record, Processed]]) -> bytes:
-    """One WebDataset tar: <key>.jpg then <key>.cls (ascii label) per kept image."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for rec, p in kept:
-            _add_member(tar, f"{rec.key}.jpg", p.jpeg)
-            _add_member(tar, f"{rec.key}.cls", str(rec.label).encode())
-    return buf.getvalue()
+def _tar_chunks(kept: list[tuple[Record, Processed]]) -> list[bytes]:
+    """One WebDataset tar, <key>.jpg then <key>.cls (ascii label) per kept image, in pieces.
+
+    Exactly the bytes `tarfile.open(mode="w")` writes for these members (TarInfo
+    defaults: mtime 0, uid/gid 0, no user names, so reproducible), without its per-member
+    file objects: each member is its header, its payload and zeros to the next 512-byte
+    block; the archive ends with two zero blocks, padded to tarfile's 10240-byte record.
+    """
+    chunks: list[bytes] = []
+    for rec, p in kept:
+        for name, payload in ((f"{rec.key}.jpg", p.jpeg), (f"{rec.key}.cls", str(rec.label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            chunks += [info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"), payload]
+            chunks.append(bytes(-len(payload) % tarfile.BLOCKSIZE))
+    end = 2 * tarfile.BLOCKSIZE
+    chunks.append(bytes(end + -(sum(map(len, chunks)) + end) % tarfile.RECORDSIZE))
+    return chunks
 
 
-_ENCODERS = {"parquet": _parquet_bytes, "webdataset": _tar_bytes}
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # TarInfo defaults (mtime 0, uid/gid 0, no user names) keep the tar bytes reproducible.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
+_ENCODERS = {"parquet": _parquet_bytes, "webdataset": _tar_chunks}
 
 
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:
