@@ -50,6 +50,7 @@ from benchmarks.input_pipeline import STATS, consume  # noqa: E402
 from benchmarks.peers_env import cpu_seconds, peers_python, run_peer  # noqa: E402
 from benchmarks.preprocess import build_corpus  # noqa: E402
 from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
+from pipeline.cluster import start_local_ray  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     peers_python()  # build the peers' venv before any clock
     print(f"load avg before: {load()}", flush=True)
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)  # fmt: skip
+    start_local_ray(args.cpus, quiet=True)
     corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
     data = args.workdir / "peers-read"
     ensure_data(corpus, data, args.cpus)

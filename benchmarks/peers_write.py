@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.peers_env import cpu_seconds, peers_python, run_peer  # noqa: E402
 from benchmarks.preprocess import build_corpus  # noqa: E402
 from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
+from pipeline.cluster import start_local_ray  # noqa: E402
 from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.preprocess import DEFAULT_QUALITY, DEFAULT_SIZE  # noqa: E402
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load avg before: {load()}", flush=True)
     catalog = ingest_imagenet(str(build_corpus(args.workdir / "corpus", args.images, args.seed)))
     records = catalog.records
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)  # fmt: skip
+    start_local_ray(args.workers, quiet=True)
     scratch = args.workdir / "peers-write"
     paths: dict[str, Callable[[], list[Run]]] = {
         OURS: lambda: ours(records, scratch / "ours", catalog.classes, args, "both"),
