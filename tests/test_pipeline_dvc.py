@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.train.model_card import load_model
-from tests.conftest import ROOT, stage_env, write_params
+from tests.conftest import ROOT, stage_env, tiny_params, write_params
 
 STAGES = ("sample", "shard", "stats", "train", "evaluate")
 
@@ -105,7 +105,7 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["alexnet"], order_by=["start_time ASC"])
     assert len(runs) == 2
-    assert list(runs["params.train.lr"]) == ["0.025", "0.02"]
+    assert list(runs["params.train.lr"]) == [str(tiny_params()["train"]["lr"]), "0.02"]
     for _, run in runs.iterrows():
         assert run["metrics.eval_top1_error_10crop"] >= 0.0 and run["metrics.val_top1_error"] >= 0.0
         assert re.fullmatch(r"[0-9a-f]{40}", run["tags.git_commit"])
