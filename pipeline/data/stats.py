@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from pipeline import jsonfile
-from pipeline.cluster import cluster_cpus
+from pipeline.cluster import init_ray
 from pipeline.data.preprocess import decode_jpeg
 from pipeline.data.shards import FORMATS, ShardMeta, iter_shard
 from pipeline.storage import atomic_write_text, read_bytes
@@ -134,7 +134,7 @@ def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0)
         raise ValueError(f"max_shards must be >= 0 (0: all), got {max_shards}")
     uris = ShardMeta.read(shards_dir).files("train", fmt)
     uris = uris[:max_shards] if max_shards else uris
-    cluster_cpus()
+    init_ray()
     task = ray.remote(_shard_moments)
     parts = ray.get([task.remote(uri, fmt) for uri in uris])
     images = sum(p[0] for p in parts)

@@ -21,7 +21,7 @@ from pipeline.cluster import init_ray
 from pipeline.config import Params, TrainParams
 from pipeline.data.shards import QUARANTINE, ShardMeta
 from pipeline.data.stats import ColorStats
-from pipeline.storage import absolute, atomic_write_text, join, read_bytes
+from pipeline.storage import absolute, atomic_write_text, join
 from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
 from pipeline.train.model_card import ModelCard, build_network, save_model
 from pipeline.train.runstate import RunState, run_key
@@ -203,7 +203,7 @@ def train(params: Params) -> dict:
     check_runnable(cfg)
     check_shards(meta, data.format, p)
     model_params, train_params = dataclasses.asdict(params.model), dataclasses.asdict(p)
-    key = run_key(model_params, train_params, meta.to_json(), read_bytes(data.stats))
+    key = run_key(model_params, train_params, meta.to_json(), stats.to_json())
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
     init_ray()
     check_resources(p)
