@@ -159,19 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_corpus(args.workdir / "corpus", args.images, SEED)
     shards = args.workdir / f"shards-{SIZE}"
     ensure_shards(corpus, shards)
-    files = ShardMeta.read(str(shards)).files("train", "parquet")
+    digests = ShardMeta.read(str(shards)).digests("train", "parquet")  # checked as in training
+    files = list(digests)
     augment = TrainAugment(STATS, args.crop, 0.1, threads=args.cpus)
 
     epoch = iter(range(1_000_000))  # a fresh epoch (a fresh shuffle) per pass, as in training
 
     def real() -> int:
         e = next(epoch)
-        batches = epoch_batches(shard_rows(files, "parquet", args.batch), args.batch, SEED, e)
+        batches = epoch_batches(shard_rows(files, "parquet", args.batch, digests), args.batch, SEED, e)
         return consume(augmented_batches(batches, augment, SEED, e, 0))
 
     def iterator_only(shuffled: bool) -> Callable[[], int]:
         def run() -> int:
-            rows = shard_rows(files, "parquet", args.batch)
+            rows = shard_rows(files, "parquet", args.batch, digests)
             batches = epoch_batches(rows, args.batch, SEED, next(epoch)) if shuffled else rows
             return sum(len(b["label"]) for b in batches)
 

@@ -96,12 +96,13 @@ def ensure_data(corpus: Path, out: Path, workers: int) -> None:
 
 def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[Run]:
     """--epochs timed passes of our training input path (one worker), after an untimed one."""
-    files = ShardMeta.read(str(shards)).files("train", fmt)
+    digests = ShardMeta.read(str(shards)).digests("train", fmt)  # checked as in training
+    files = list(digests)
     augment = TrainAugment(STATS, args.crop, PCA_STD, threads=args.cpus)
     runs = []
     for epoch in range(1 + args.epochs):
         cpu, start = cpu_seconds(), time.perf_counter()
-        rows = shard_rows(worker_files(files, SEED, epoch, 0, 1), fmt, args.batch)
+        rows = shard_rows(worker_files(files, SEED, epoch, 0, 1), fmt, args.batch, digests)
         n = consume(augmented_batches(epoch_batches(rows, args.batch, SEED, epoch), augment, SEED, epoch, 0))
         if epoch:
             runs.append(Run(n, time.perf_counter() - start, cpu_seconds() - cpu))

@@ -34,6 +34,10 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open)}
 
 
+# Field metadata of a string that may be "" (meaning "not set"); other strings must not be blank.
+_EMPTY_OK = {"empty_ok": True}
+
+
 class _Section:
     """Base of the section dataclasses: each field is checked against its type and
     bounds when the section is built, so a section made in code is as valid as one read
@@ -67,7 +71,9 @@ class DataParams(_Section):
 
     sample: str = "data/sample"  # where the sample stage writes the embedded sample
     raw: str = "data/sample"  # the ILSVRC-2012 tree or archives the shard stage reads
-    shards: str = "data/shards"
+    shards: str = "data/shards"  # the shard output: meta.json, quarantine.csv, the shards unless shard_store
+    # Where the shard files go instead, e.g. s3://bucket/prefix ("": inside `shards`).
+    shard_store: str = field(default="", metadata=_EMPTY_OK)
     stats: str = "data/stats.json"
     format: Literal["parquet", "webdataset"] = "parquet"  # the shard format training reads
     checkpoints: str = "artifacts/checkpoints"  # Ray Train RunConfig.storage_path
@@ -82,7 +88,8 @@ class DataParams(_Section):
         # Stages replace their outputs whole (storage.publish_dir): shards written over the
         # raw tree, or one output inside another, would delete data. raw == sample is the
         # default (the shard stage reads the sample stage's output).
-        paths = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "format"]
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "format"]
+        paths = [(name, getattr(self, name)) for name in fields if getattr(self, name)]
         for i, (a, pa) in enumerate(paths):
             for b, pb in paths[i + 1 :]:
                 if {a, b} != {"sample", "raw"} and _overlap(pa, pb):
@@ -296,7 +303,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
             else:
                 ok = math.isfinite(value)
     elif tp is str:
-        ok = isinstance(value, str) and value.strip() != ""
+        ok = isinstance(value, str) and (value.strip() != "" or (value == "" and meta.get("empty_ok", False)))
     else:  # pragma: no cover - a new field type must be handled above
         raise TypeError(f"unsupported params type {tp} for {key}")
     if not ok:

@@ -102,6 +102,32 @@ def atomic_write_bytes(
     tmp.replace(path)
 
 
+def write_file(uri: str, data: bytes | memoryview | list[bytes], *, fsync: bool = True) -> None:
+    """Writes a whole file, local or on an object store, so that readers never see a part.
+
+    Local paths go through `atomic_write_bytes` (`fsync` as there). On an object store an
+    upload becomes visible only when it completes (pyarrow sends large ones as multipart
+    uploads), so a writer that dies leaves no object, or the previous one, at `uri`.
+
+    Args:
+        uri: A local path or a URI.
+        data: The whole content, or pieces written one after the other.
+        fsync: Local files only; see `atomic_write_bytes`.
+    """
+    if not is_remote(uri):
+        atomic_write_bytes(resolve(uri)[1], data, fsync=fsync)
+        return
+    fs, path = resolve(uri)
+    with fs.open_output_stream(path) as f:
+        for piece in data if isinstance(data, list) else [data]:
+            f.write(piece)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether `uri` names an object store (s3://, gs://, ...) rather than a local file."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def sync_paths(paths: Iterable[str | Path]) -> None:
     """fsyncs local files and folders (a folder's fsync makes the renames in it durable).
 

@@ -15,7 +15,7 @@ def main() -> None:
     """Ingests data.raw and writes data.shards plus the shard metrics."""
     params = load_params_or_exit()
     data, s = params.data, params.shard
-    check_storage({"data.raw": data.raw, "data.shards": data.shards})  # before Ray starts
+    check_storage({"data.raw": data.raw, "data.shards": data.shards, "data.shard_store": data.shard_store})
     init_ray()
     warm_workers()  # the workers import torch while the driver lists data.raw
     catalog = (ingest_imagenet if s.source == "imagenet" else ingest_cifar10)(data.raw)
@@ -26,6 +26,7 @@ def main() -> None:
         names=catalog.names,
         settings=s,
         quarantined=catalog.quarantine,
+        store=data.shard_store,
     )
     atomic_write_text(data.shard_metrics, json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))

@@ -80,9 +80,7 @@ def ingest_cifar10(root: str) -> Catalog:
             uri = join(root, batch_name)
             batch = _load_cifar_batch(uri)
             # (N, 3072) uint8, channel-major rows -> (N, 32, 32, 3)
-            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(
-                -1, 3, CIFAR_SIDE, CIFAR_SIDE
-            )
+            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)
             pixels = pixels.transpose(0, 2, 3, 1)
             for row, label in enumerate(batch[b"labels"]):
                 index += 1

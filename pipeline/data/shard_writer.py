@@ -15,6 +15,16 @@ tasks do not fsync: a driver thread fsyncs each shard's files as its task report
 the workers go on computing, and the folders after the last shard, all before meta.json
 is written (a worker waiting on its own fsyncs left its core idle).
 
+With a shard store (`store`: an s3:// prefix, or a folder), the shard tasks write their
+files straight there instead, each named after its content (`shards.shard_path` with
+the file's SHA-256): a rerun writes the same bytes under the same names, so the manifest
+comes out identical, and different bytes never replace a file another manifest lists.
+An object appears whole or not at all (storage.write_file), and only meta.json, written
+last into the local `out_dir` (published as above), makes files trusted: those of an
+interrupted run are never listed, and the previous meta.json keeps pointing at its own
+files, which stay readable. Nothing is deleted from the store (other clones or
+experiments may list those files).
+
 Parallelism: one Ray task per shard (reads its files, preprocesses them on two threads,
 writes its Parquet part and tar, returns counts and quarantine rows); the driver keeps at most
 `max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
@@ -27,19 +37,17 @@ from __future__ import annotations
 import collections
 import csv
 import functools
+import hashlib
 import io
 import os
 import shutil
-import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
@@ -47,8 +55,17 @@ from pipeline.cluster import cluster_cpus
 from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
 from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
-from pipeline.data.shards import FORMATS, META, QUARANTINE, SCHEMA, ShardMeta, shard_path
-from pipeline.storage import absolute, atomic_write_bytes, publish_dir, sync_paths
+from pipeline.data.shard_encoding import encode
+from pipeline.data.shards import FORMATS, META, QUARANTINE, ShardMeta, shard_path
+from pipeline.storage import (
+    absolute,
+    atomic_write_bytes,
+    is_remote,
+    join,
+    publish_dir,
+    sync_paths,
+    write_file,
+)
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
 TASK_THREADS = 2  # per shard task (see _task_threads)
@@ -66,10 +83,15 @@ class _ShardJob:
     split: str
     index: int
     records: list[Record]
-    staging: str
+    target: str  # where its files go: the local staging folder, or the shard store
+    in_store: bool
     formats: tuple[str, ...]
     size: int
     quality: int
+
+    def file(self, fmt: str, sha256: str) -> str:
+        """Path or URI of this job's `fmt` file, whose content has `sha256`."""
+        return join(self.target, shard_path(fmt, self.split, self.index, sha256 if self.in_store else ""))
 
 
 def plan_shards(records: Sequence[Record], shard_size: int, seed: int) -> dict[str, list[list[Record]]]:
@@ -92,8 +114,6 @@ def plan_shards(records: Sequence[Record], shard_size: int, seed: int) -> dict[s
     return plan
 
 
-
-
 def write_shards(
     records: Sequence[Record],
     out_dir: str | os.PathLike[str],
@@ -104,6 +124,7 @@ def write_shards(
     quarantined: Sequence[QuarantineRow] = (),
     max_in_flight: int | None = None,
     progress: bool = True,
+    store: str = "",
 ) -> dict:
     """Preprocesses records into shards in parallel on Ray (see the module docstring).
 
@@ -121,6 +142,9 @@ def write_shards(
             reported and counted as inputs with the shard tasks' own.
         max_in_flight: Most shard tasks pending at once; default twice the cluster CPUs.
         progress: Show a tqdm bar (images, images/s).
+        store: Where the shard files go ("": inside `out_dir`; else an object-store
+            prefix or a folder, see the module docstring). `out_dir` then gets only
+            meta.json, listing their URIs, and quarantine.csv.
 
     Returns:
         Metrics: inputs, sharded, quarantined ({split: count} each), bad_fraction,
@@ -135,10 +159,11 @@ def write_shards(
         raise ValueError("no records to shard")
     out = Path(absolute(os.fspath(out_dir)))  # the shard tasks run in their own cwd
     formats = FMT_CHOICES[settings.format]
-    staging = _fresh_staging(out, formats)
+    staging = _fresh_staging(out, () if store else formats)
     plan = plan_shards(records, settings.shard_size, settings.seed)
+    target = absolute(store) if store else str(staging)
     jobs = [
-        _ShardJob(split, i, recs, str(staging), formats, settings.size, settings.quality)
+        _ShardJob(split, i, recs, target, bool(store), formats, settings.size, settings.quality)
         for split in SPLITS
         for i, recs in enumerate(plan[split])
     ]
@@ -148,14 +173,14 @@ def write_shards(
     _write_quarantine(staging / QUARANTINE, bad_rows)
     if metrics["bad_fraction"] > settings.max_bad_fraction:
         for f in formats:
-            shutil.rmtree(staging / f)
+            shutil.rmtree(staging / f, ignore_errors=True)
         publish_dir(staging, out)
         raise TooManyBadFilesError(
             f"{len(bad_rows)} of {sum(metrics['inputs'].values())} inputs quarantined (bad fraction "
             f"{metrics['bad_fraction']:.4%}) > max_bad_fraction={settings.max_bad_fraction}; "
             f"see {out / QUARANTINE}"
         )
-    meta = _manifest(out, classes, names, settings, plan, results, metrics)
+    meta = _manifest(out, classes, names, settings, jobs, results, metrics)
     atomic_write_bytes(staging / META, meta.to_json())
     publish_dir(staging, out)
     return metrics
@@ -163,10 +188,19 @@ def write_shards(
 
 def _manifest(
     out: Path, classes: Sequence[str], names: Sequence[str] | None, settings: ShardParams,
-    plan: dict[str, list[list[Record]]], results: list[dict], metrics: dict,
+    jobs: list[_ShardJob], results: list[dict], metrics: dict,
 ) -> ShardMeta:  # fmt: skip
-    """meta.json of a complete output: classes, counts, settings, every shard and its size."""
+    """meta.json of a complete output: classes, counts, settings, every shard file with its
+    image count, length and SHA-256 (jobs and results in the same order)."""
     formats = FMT_CHOICES[settings.format]
+    done = list(zip(jobs, results, strict=True))
+
+    def per_file(value: Callable[[_ShardJob, dict, int], object]) -> dict[str, dict[str, list]]:
+        return {
+            fmt: {s: [value(j, r, k) for j, r in done if j.split == s] for s in SPLITS}
+            for k, fmt in enumerate(formats)
+        }
+
     return ShardMeta(
         root=str(out),
         classes=list(classes),
@@ -179,8 +213,10 @@ def _manifest(
         format=settings.format,
         shard_size=settings.shard_size,
         seed=settings.seed,
-        shards={f: {s: [shard_path(f, s, i) for i in range(len(plan[s]))] for s in SPLITS} for f in formats},
+        shards=per_file(lambda _, r, k: r["files"][k][2]),
         sizes={s: [r["sharded"] for r in results if r["split"] == s] for s in SPLITS},  # results in job order
+        nbytes=per_file(lambda _, r, k: r["files"][k][0]),
+        sha256=per_file(lambda _, r, k: r["files"][k][1]),
     )
 
 
@@ -188,6 +224,7 @@ def _fresh_staging(out: Path, formats: tuple[str, ...]) -> Path:
     """An empty staging folder beside `out` with one subfolder per format and split."""
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     for f in formats:
         for split in SPLITS:
             (staging / f / split).mkdir(parents=True)
@@ -256,19 +293,21 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
             [done], _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done)
             results[i] = ray.get(done)
-            synced.append(syncer.submit(sync_paths, _job_files(jobs[i])))
+            if not is_remote(jobs[i].target):  # an object is durable once its upload completed
+                synced.append(syncer.submit(sync_paths, _written(jobs[i], results[i])))
             bar.update(len(jobs[i].records))
         for future in synced:
             future.result()  # re-raises a failed fsync
     bar.close()
-    staging = Path(jobs[0].staging)
-    sync_paths(staging / f / s for f in jobs[0].formats for s in SPLITS)
+    if not is_remote(jobs[0].target):
+        written = (uri for job, r in zip(jobs, results, strict=True) for uri in _written(job, r))
+        sync_paths({str(Path(uri).parent) for uri in written})
     return results
 
 
-def _job_files(job: _ShardJob) -> list[Path]:
-    """The files `_write_shard` writes for `job`, in `job.formats` order."""
-    return [Path(job.staging) / shard_path(f, job.split, job.index) for f in job.formats]
+def _written(job: _ShardJob, result: dict) -> list[str]:
+    """The files `_write_shard` wrote for `job`."""
+    return [job.file(fmt, sha256) for fmt, (_, sha256, _) in zip(job.formats, result["files"], strict=True)]
 
 
 def _write_shard(job: _ShardJob) -> dict:
@@ -281,13 +320,23 @@ def _write_shard(job: _ShardJob) -> dict:
             kept.append((rec, result))
         else:
             quarantine.append((rec.split, rec.path, result))
-    for fmt, path in zip(job.formats, _job_files(job), strict=True):
+    files = []
+    for fmt in job.formats:
+        pieces = encode(fmt, kept)
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        uri = job.file(fmt, digest.hexdigest())
         # fsync=False: _run_jobs fsyncs them on the driver (module docstring, "Atomicity").
-        atomic_write_bytes(path, _ENCODERS[fmt](kept), fsync=False)
+        write_file(uri, pieces, fsync=False)
+        # meta.json's path: relative to the output folder, or the store's full URI.
+        listed = uri if job.in_store else shard_path(fmt, job.split, job.index)
+        files.append((sum(map(len, pieces)), digest.hexdigest(), listed))
     return {
         "split": job.split,
         "index": job.index,
         "sharded": len(kept),
+        "files": files,  # (bytes, sha256, path for meta.json) per format
         "quarantine": quarantine,
         "node": ray.get_runtime_context().get_node_id(),  # where the work ran, for the stage metrics
     }
@@ -313,50 +362,6 @@ def _task_threads() -> ThreadPoolExecutor:
     end, when the last task runs alone on a node that has a free core.
     """
     return ThreadPoolExecutor(TASK_THREADS, thread_name_prefix="preprocess")
-
-
-def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> memoryview:
-    """One Parquet part: the SCHEMA columns, one row per kept image."""
-    table = pa.table(
-        {
-            "key": [r.key for r, _ in kept],
-            "label": [r.label for r, _ in kept],
-            "wnid": [r.wnid for r, _ in kept],
-            "jpeg": [p.jpeg for _, p in kept],
-            "height": [p.height for _, p in kept],
-            "width": [p.width for _, p in kept],
-            "src_height": [p.src_height for _, p in kept],
-            "src_width": [p.src_width for _, p in kept],
-        },
-        schema=SCHEMA,
-    )
-    buf = pa.BufferOutputStream()
-    # JPEG bytes do not compress; the small columns are not worth a codec either.
-    pq.write_table(table, buf, compression="none")
-    return memoryview(buf.getvalue())  # pyarrow's buffer itself, not a bytes copy of it
-
-
-def _tar_chunks(kept: list[tuple[Record, Processed]]) -> list[bytes]:
-    """One WebDataset tar, <key>.jpg then <key>.cls (ascii label) per kept image, in pieces.
-
-    Exactly the bytes `tarfile.open(mode="w")` writes for these members (TarInfo
-    defaults: mtime 0, uid/gid 0, no user names, so reproducible), without its per-member
-    file objects: each member is its header, its payload and zeros to the next 512-byte
-    block; the archive ends with two zero blocks, padded to tarfile's 10240-byte record.
-    """
-    chunks: list[bytes] = []
-    for rec, p in kept:
-        for name, payload in ((f"{rec.key}.jpg", p.jpeg), (f"{rec.key}.cls", str(rec.label).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            chunks += [info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"), payload]
-            chunks.append(bytes(-len(payload) % tarfile.BLOCKSIZE))
-    end = 2 * tarfile.BLOCKSIZE
-    chunks.append(bytes(end + -(sum(map(len, chunks)) + end) % tarfile.RECORDSIZE))
-    return chunks
-
-
-_ENCODERS = {"parquet": _parquet_bytes, "webdataset": _tar_chunks}
 
 
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:

@@ -99,13 +99,13 @@ class ColorStats:
         )
 
 
-def _shard_moments(uri: str, fmt: str) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """Ray task body: (images, pixels, sum (3,), cross-products (3, 3)) of one shard, raw
-    uint8 units."""
+def _shard_moments(uri: str, fmt: str, sha256: str) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Ray task body: (images, pixels, sum (3,), cross-products (3, 3)) of one shard (checked
+    against its SHA-256), raw uint8 units."""
     images, pixels = 0, 0
     total = np.zeros(CHANNELS)
     cross = np.zeros((CHANNELS, CHANNELS))
-    for _, _, jpeg in iter_shard(uri, fmt):
+    for _, _, jpeg in iter_shard(uri, fmt, sha256):
         x = decode_jpeg(jpeg).reshape(-1, CHANNELS).astype(np.float64)  # (H*W, 3)
         images += 1
         pixels += len(x)
@@ -132,11 +132,11 @@ def compute_stats(shards_dir: str, *, fmt: str = "parquet", max_shards: int = 0)
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if max_shards < 0:
         raise ValueError(f"max_shards must be >= 0 (0: all), got {max_shards}")
-    uris = ShardMeta.read(shards_dir).files("train", fmt)
-    uris = uris[:max_shards] if max_shards else uris
+    digests = ShardMeta.read(shards_dir).digests("train", fmt)
+    uris = list(digests)[:max_shards] if max_shards else list(digests)
     init_ray()
     task = ray.remote(_shard_moments)
-    parts = ray.get([task.remote(uri, fmt) for uri in uris])
+    parts = ray.get([task.remote(uri, fmt, digests[uri]) for uri in uris])
     images = sum(p[0] for p in parts)
     pixels = sum(p[1] for p in parts)
     if pixels == 0:

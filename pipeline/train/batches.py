@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -79,16 +79,17 @@ def run_ahead(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def shard_rows(
-    files: list[str], fmt: str, batch_size: int, prefetch: int = 4
+    files: list[str], fmt: str, batch_size: int, digests: Mapping[str, str], prefetch: int = 4
 ) -> Iterator[dict[str, np.ndarray]]:
     """The rows of shard `files`, in stored order, as numpy chunks ({"key", "label", "jpeg"}).
 
     Read through Ray Data (one task per file) with preserve_order, since the batches
-    `epoch_batches` draws depend on the order; `prefetch` chunks are fetched ahead.
+    `epoch_batches` draws depend on the order; `prefetch` chunks are fetched ahead. Each
+    file's SHA-256 is checked against `digests` (`ShardMeta.digests`) before its rows exist.
     """
     if not files:
         return iter(())
-    ds = read_shard_files(files, fmt)
+    ds = read_shard_files(files, fmt, digests=digests)
     ds.context.execution_options.preserve_order = True
     return ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch)
 

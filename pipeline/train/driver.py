@@ -19,7 +19,7 @@ import torch
 from pipeline import tracking
 from pipeline.cluster import init_ray
 from pipeline.config import Params, TrainParams
-from pipeline.data.shards import QUARANTINE, ShardMeta
+from pipeline.data.shards import QUARANTINE, CorruptShardError, ShardMeta, check_shard_files
 from pipeline.data.stats import ColorStats
 from pipeline.storage import absolute, atomic_write_text, join
 from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
@@ -103,11 +103,20 @@ def check_resources(p: TrainParams) -> None:
 
 
 def check_shards(meta: ShardMeta, fmt: str, p: TrainParams) -> None:
-    """Fails fast when a worker would get no train shard (shards are split per file).
+    """Fails fast when a shard file is missing or has another length than meta.json lists
+    (the readers check each file's SHA-256 as they read it), or when a worker would get
+    no train shard (shards are split per file).
 
     Raises:
+        CorruptShardError: Naming the bad files.
         ValueError: Naming the number of train shards, train.num_workers and shard.shard_size.
     """
+    if problems := check_shard_files(meta, fmt, full=False):
+        listed = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise CorruptShardError(
+            f"{len(problems)} shard files of {meta.root} are not as the shard stage wrote them:\n  {listed}\n"
+            "rerun the shard stage (`dvc repro -f shard`)"
+        )
     files = meta.files("train", fmt)
     if len(files) < p.num_workers:
         raise ValueError(

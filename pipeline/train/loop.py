@@ -280,12 +280,13 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     sizes = cfg.shards.file_sizes("train", cfg.fmt)
     shares = [worker_files(list(sizes), p.seed, epoch, r, world) for r in range(world)]
     totals = step_totals([sum(sizes[f] for f in share) for share in shares], local_batch)
-    batches = epoch_batches(shard_rows(shares[rank], cfg.fmt, local_batch), local_batch, p.seed, epoch)
+    rows = shard_rows(shares[rank], cfg.fmt, local_batch, cfg.shards.digests("train", cfg.fmt))
+    batches = epoch_batches(rows, local_batch, p.seed, epoch)
     batches = augmented_batches(batches, augment, p.seed, epoch, rank)
     tr = train_epoch(model, run.opt, batches, totals, p, device).all_reduced(device)
     train_time = time.perf_counter() - t0
     val_files = cfg.shards.files("val", cfg.fmt)[rank::world]
-    val_rows = shard_rows(val_files, cfg.fmt, local_batch)
+    val_rows = shard_rows(val_files, cfg.fmt, local_batch, cfg.shards.digests("val", cfg.fmt))
     # The bare network: DDP's forward may take part in collectives, and val shares differ.
     va = _validate(unwrap(model), val_rows, cfg, device, augment).all_reduced(device)
     return {

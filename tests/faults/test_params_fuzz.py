@@ -55,7 +55,8 @@ def bad_values(cls: type, field: dataclasses.Field) -> list[object]:
     tp = typing.get_type_hints(cls)[field.name]
     kind = "literal" if typing.get_origin(tp) is Literal else tp
     assert kind in BY_TYPE, f"{cls.__name__}.{field.name}: no fuzz values for type {tp}; add them"
-    return COMMON + BY_TYPE[kind] + out_of_range(field.metadata)
+    common = [v for v in COMMON if not (v == "" and field.metadata.get("empty_ok"))]  # "": not set
+    return common + BY_TYPE[kind] + out_of_range(field.metadata)
 
 
 KEYS = [(name, f.name) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]

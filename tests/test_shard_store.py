@@ -1,0 +1,153 @@
+"""Shards in object storage, against a real S3 server (moto's): the shard stage's tasks
+write the shard files straight to `data.shard_store`, the stage's DVC output keeps only
+their manifest, the other stages read them from S3, every reader checks each file's
+SHA-256, a killed stage leaves nothing trusted and reruns to the same manifest, and
+`python -m cli.verify` finds a changed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pyarrow.fs as pafs
+import pytest
+
+from cli.services import S3Server
+from pipeline.data.shards import META, ShardMeta
+from tests.conftest import run_stage, stage_env
+
+STORE = "s3://alexnet/shards"
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> pafs.S3FileSystem:
+    """The S3 server's settings in this test's environment (stages inherit it); a client."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return pafs.S3FileSystem(endpoint_override=s3_server.endpoint, region=s3_server.region)
+
+
+def objects(fs: pafs.S3FileSystem, prefix: str) -> dict[str, bytes]:
+    """Every object under s3://<prefix>, by URI, with its bytes."""
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    out = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with fs.open_input_file(info.path) as f:
+                out[f"s3://{info.path}"] = f.read()
+    return out
+
+
+def meta_json(ws: Path) -> dict:
+    return json.loads((ws / "data/shards" / META).read_text())
+
+
+def verify(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.verify", *args], cwd=ws, env=stage_env(), capture_output=True, text=True
+    )
+
+
+def test_shards_written_to_s3_equal_local_ones_and_are_read_from_there(
+    s3_env: pafs.S3FileSystem, workspace_copy
+) -> None:
+    local = workspace_copy("local")  # sample, shard, stats already run, shards on disk
+    ws = workspace_copy("s3", {"data": {"shard_store": STORE}})
+    run_stage(ws, "shard")
+
+    meta, local_meta = ShardMeta.read(str(ws / "data/shards")), ShardMeta.read(str(local / "data/shards"))
+    assert sorted(p.name for p in (ws / "data/shards").iterdir()) == ["meta.json", "quarantine.csv"]
+    stored = objects(s3_env, STORE.removeprefix("s3://"))
+    for fmt in ("parquet", "webdataset"):
+        files = meta.shard_files(fmt)
+        assert [f.sha256 for f in files] == [f.sha256 for f in local_meta.shard_files(fmt)]  # same bytes
+        assert {f.uri for f in files} <= set(stored)
+        for f in files:  # content-addressed: s3://alexnet/shards/<fmt>/<split>/<name>-<16 hex>.<ext>
+            assert f.uri.startswith(f"{STORE}/{fmt}/") and f"-{f.sha256[:16]}." in f.uri
+            assert hashlib.sha256(stored[f.uri]).hexdigest() == f.sha256 and len(stored[f.uri]) == f.nbytes
+    assert json.loads((ws / "metrics/shard.json").read_text())["sharded"] == {"train": 48, "val": 12}
+
+    run_stage(ws, "stats")  # Ray tasks read the train shards from S3
+    stats = json.loads((ws / "data/stats.json").read_text())
+    assert stats == json.loads((local / "data/stats.json").read_text())
+
+    ok = verify(ws)
+    assert ok.returncode == 0 and "8 of 8 shard files" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_changed_shard_on_s3_is_named_by_verify_and_by_the_readers(
+    s3_env: pafs.S3FileSystem, workspace_copy
+) -> None:
+    ws = workspace_copy("corrupt", {"data": {"shard_store": f"{STORE}-corrupt"}})
+    run_stage(ws, "shard")
+    meta = ShardMeta.read(str(ws / "data/shards"))
+    victim = meta.shard_files("parquet")[0]
+    path = victim.uri.removeprefix("s3://")
+    with s3_env.open_input_file(path) as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern inside a page: same length
+    with s3_env.open_output_stream(path) as f:
+        f.write(bytes(data))
+
+    quick = verify(ws, "--quick")  # lengths agree: only reading finds it
+    assert quick.returncode == 0, quick.stdout
+    bad = verify(ws)
+    assert bad.returncode == 1 and f"BAD  {victim.uri}: SHA-256" in bad.stdout
+    assert "7 of 8 shard files" in bad.stdout
+
+    stats = subprocess.run(
+        [sys.executable, "-m", "stages.stats"], cwd=ws, env=stage_env(), capture_output=True, text=True
+    )
+    assert stats.returncode != 0
+    assert f"{victim.uri}: SHA-256" in stats.stderr and "rerun the shard stage" in stats.stderr
+
+    with s3_env.open_output_stream(path) as f:
+        f.write(bytes(data[:-100]))  # cut short: the quick check (training's) finds it too
+    short = verify(ws, "--quick")
+    assert short.returncode == 1 and f"{victim.uri}: {len(data) - 100} bytes, meta.json lists" in short.stdout
+
+
+def kill_session(leader: int) -> None:
+    """SIGKILLs every process of the session `leader` started (the stage and its local Ray)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader:
+                proc.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
+def test_stage_killed_while_writing_to_s3_reruns_to_the_same_manifest(
+    s3_env: pafs.S3FileSystem, workspace_copy
+) -> None:
+    store = f"{STORE}-killed"
+    many = {"shard": {"shard_size": 2}}  # 30 shard tasks: the kill lands while they write
+    clean = workspace_copy("clean", {**many, "data": {"shard_store": f"{STORE}-clean"}})
+    run_stage(clean, "shard")
+    ws = workspace_copy("killed", {**many, "data": {"shard_store": store}})
+    before = meta_json(ws)  # the local output of the tiny inputs: must stay until a new one is whole
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.shard"], cwd=ws, env=stage_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        while not objects(s3_env, store.removeprefix("s3://")):  # the first upload completed
+            assert proc.poll() is None, "the shard stage ended before writing to S3"
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    assert meta_json(ws) == before  # nothing of the killed run is trusted
+    assert all(store not in uri for fmt in before["shards"].values() for s in fmt.values() for uri in s)
+
+    run_stage(ws, "shard")
+    rerun, reference = meta_json(ws), meta_json(clean)
+    rerun["shards"] = json.loads(json.dumps(rerun["shards"]).replace(store, f"{STORE}-clean"))
+    assert rerun == reference
+    assert verify(ws).returncode == 0
