@@ -35,7 +35,7 @@ ui: $(STAMP)
 WORKERS ?= 1
 CPUS_PER_NODE ?= 2
 cluster-up: $(STAMP)
-	$(PY) -m cli.localcluster up --workers $(WORKERS) --cpus-per-node $(CPUS_PER_NODE)
+	$(PY) -m cli.localcluster up --services --workers $(WORKERS) --cpus-per-node $(CPUS_PER_NODE)
 
 ## Stops every process cluster-up started, removes its namespaces, links, temp dirs and cluster.env.
 cluster-down: $(STAMP)

@@ -39,6 +39,14 @@ cluster gets from NFS or object storage. The pipeline resolves relative params p
 against the driver's cwd before any task sees them; the raylets' cwd is their own temp dir,
 so code that wrongly relied on a worker's cwd fails here as it would on real hardware.
 
+Services. With `--services` (what `make cluster-up` runs) `up` also starts the shared
+services of `cli.services` (moto's S3 server, PostgreSQL, an `mlflow server` on them) on
+the bridge address, which the nodes reach and nothing off this machine does: every node's
+Ray processes get the S3 settings in their environment (the shard tasks and Ray Train's
+checkpoints write to S3), and cluster.env exports them with MLFLOW_TRACKING_URI for
+drivers and clients. The secrets are in 0600 files of the 0700 state dir, never on a
+command line.
+
 Cleanup. Every namespace, link, temp dir and process is recorded in <state>/state.json
 before it is created or right after it starts; `down` SIGTERMs the recorded `ray start`
 processes and every process inside the nodes' namespaces (worker nodes first), SIGKILLs
@@ -53,6 +61,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import shlex
@@ -65,8 +74,9 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 from cli import netns, raynodes
-from cli.procs import stop_processes
+from cli.procs import ServiceError, stop_processes
 from cli.raynodes import Cluster
+from cli.services import export_lines, load_state, remove_all, save_state, start_services
 from pipeline.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +85,28 @@ ENV_FILE = ROOT / "cluster.env"
 STOP_GRACE_S = 5  # SIGTERM to SIGKILL: a head that has run training lets it pass
 
 
-def _write_env_file(cluster: Cluster) -> None:
+def _services_state(cluster: Cluster) -> Path:
+    return Path(cluster.state_dir) / "services.json"
+
+
+def _start_services(cluster: Cluster) -> dict[str, str]:
+    """Starts the services on the bridge address; returns what cluster.env exports for them."""
+    info = start_services(cluster.bridge_ip, Path(cluster.state_dir) / "services")
+    save_state(info, _services_state(cluster))
+    node_env = raynodes.services_env_file(Path(cluster.state_dir))
+    atomic_write_text(node_env, json.dumps(info.s3.env()), mode=0o600)
+    return info.env()
+
+
+def _stop_services(cluster: Cluster) -> None:
+    """Stops the services `up --services` started, if any, and deletes their data."""
+    if _services_state(cluster).exists():
+        remove_all(*load_state(_services_state(cluster)))
+        _services_state(cluster).unlink()
+    raynodes.services_env_file(Path(cluster.state_dir)).unlink(missing_ok=True)
+
+
+def _write_env_file(cluster: Cluster, services: dict[str, str]) -> None:
     shim = cluster.python_shim
     shim.parent.mkdir(exist_ok=True)
     atomic_write_text(
@@ -95,7 +126,10 @@ def _write_env_file(cluster: Cluster) -> None:
         f"# listens on {cluster.bridge_ip}, this machine's address on the cluster's network.",
         f'export PATH={shlex.quote(path)}:"$PATH"',
     ]
-    atomic_write_text(cluster.env_file, "\n".join(lines) + "\n")
+    if services:
+        lines.append("# The services `up --services` started on that address (secrets: this file is 0600).")
+    text = "\n".join(lines) + "\n" + export_lines(services)
+    atomic_write_text(cluster.env_file, text, mode=0o600 if services else 0o666)
 
 
 @contextlib.contextmanager
@@ -113,10 +147,12 @@ def up(
     cpus_per_node: int = 2,
     object_store_mb: int = 1024,
     subnet: IPv4Network | None = None,
+    services: bool = False,
 ) -> Cluster:
     """Starts a head and `workers` worker nodes, each in its own network namespace, waits until
-    the head lists them all ALIVE, and writes `env_file`. On any failure it takes down what
-    it started, then raises.
+    the head lists them all ALIVE, and writes `env_file`; with `services`, the shared services
+    on the bridge address first (module docstring). On any failure it takes down what it
+    started, then raises.
 
     Raises:
         ValueError: On a bad argument (named), before anything starts.
@@ -149,6 +185,7 @@ def up(
                 )
             )
             netns.create_bridge(cluster.bridge, IPv4Interface(f"{cluster.bridge_ip}/{net.prefixlen}"))
+        exports = _start_services(cluster) if services else {}
         fd = os.open(cluster.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))  # 256 bits, Ray's own token format
@@ -157,7 +194,7 @@ def up(
         for i in range(1, workers + 1):
             cluster = raynodes.start_node(cluster, f"w{i}")
         raynodes.wait_for_states(cluster, {n.ip: "ALIVE" for n in cluster.nodes})
-        _write_env_file(cluster)
+        _write_env_file(cluster, exports)
     except BaseException:
         down(state_dir)
         raise
@@ -204,6 +241,7 @@ def down(state_dir: Path = STATE_DIR) -> bool:
         Path(node.log).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             Path(node.temp_dir).parent.rmdir()
+    _stop_services(cluster)
     netns.delete_link(cluster.bridge)
     for path in (cluster.env_file, cluster.python_shim, cluster.token_file):
         Path(path).unlink(missing_ok=True)
@@ -216,9 +254,11 @@ def down(state_dir: Path = STATE_DIR) -> bool:
 
 
 @contextlib.contextmanager
-def running(state_dir: Path, env_file: Path, workers: int = 1, cpus_per_node: int = 2) -> Iterator[Cluster]:
+def running(
+    state_dir: Path, env_file: Path, workers: int = 1, cpus_per_node: int = 2, services: bool = False
+) -> Iterator[Cluster]:
     """`up` for the block, `down` after it, even when it fails."""
-    cluster = up(state_dir, env_file, workers=workers, cpus_per_node=cpus_per_node)
+    cluster = up(state_dir, env_file, workers=workers, cpus_per_node=cpus_per_node, services=services)
     try:
         yield cluster
     finally:
@@ -236,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--object-store-mb", type=int, default=1024, help="object store per node")
     start.add_argument("--subnet", type=IPv4Network, help="private network (default: a free 10.203.N.0/24)")
     start.add_argument("--env-file", type=Path, default=ENV_FILE, help="where to write the exports")
+    start.add_argument("--services", action="store_true", help="also S3, PostgreSQL and mlflow server")
     commands.add_parser("down", help="stop and remove everything `up` started")
     args = parser.parse_args(argv)
     began = time.monotonic()
@@ -244,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f" in {time.monotonic() - began:.1f} s")
         return 0
     try:
-        cluster = up(
-            args.state_dir, args.env_file, args.workers, args.cpus_per_node, args.object_store_mb, args.subnet
-        )
-    except (ValueError, RuntimeError, TimeoutError) as e:
+        sizes = (args.workers, args.cpus_per_node, args.object_store_mb)
+        cluster = up(args.state_dir, args.env_file, *sizes, args.subnet, args.services)
+    except (ValueError, RuntimeError, TimeoutError, ServiceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for node in cluster.nodes:
         print(f"{node.name:>5}  {node.ip}  namespace {node.netns}  {cluster.cpus_per_node} CPUs")
     print(f"up in {time.monotonic() - began:.1f} s; dashboard {cluster.dashboard_url}")
+    if args.services:
+        print(f"services on {cluster.bridge_ip}: S3, PostgreSQL, mlflow server (see {cluster.env_file})")
     print(f"next: source {cluster.env_file}")
     return 0
 

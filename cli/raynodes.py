@@ -82,6 +82,11 @@ class Cluster:
         return Path(self.state_dir) / "bin" / "python"
 
 
+def services_env_file(state_dir: Path) -> Path:
+    """Where `up --services` keeps the S3 settings every node's Ray processes get (0600)."""
+    return state_dir / "node-env.json"
+
+
 def state_file(state_dir: Path) -> Path:
     """Where the cluster recorded in `state_dir` keeps its state."""
     return Path(state_dir) / "state.json"
@@ -118,6 +123,9 @@ def ray_env(cluster: Cluster) -> dict[str, str]:
     gloo on each namespace's eth0: the machine's hostname resolves to 127.0.0.1, so gloo would
     otherwise give its peers on other nodes a loopback address to connect to."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    services = services_env_file(Path(cluster.state_dir))
+    if services.exists():  # the S3 settings of the services `up` started beside the nodes
+        env |= json.loads(services.read_text())
     path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env | {
         "PATH": path,

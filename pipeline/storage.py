@@ -118,9 +118,13 @@ def write_file(uri: str, data: bytes | memoryview | list[bytes], *, fsync: bool 
         atomic_write_bytes(resolve(uri)[1], data, fsync=fsync)
         return
     fs, path = resolve(uri)
-    with fs.open_output_stream(path) as f:
-        for piece in data if isinstance(data, list) else [data]:
-            f.write(piece)
+    try:
+        with fs.open_output_stream(path) as f:
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
+    except OSError as e:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "default"
+        raise OSError(f"{uri}: upload failed (endpoint: {endpoint}): {e}") from e
 
 
 def is_remote(uri: str) -> bool:

@@ -126,6 +126,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     remove_all((s3.process,), ())
 
 
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+    """The S3 server's settings in this test's environment (stages it runs inherit them);
+    returns a pyarrow client of it."""
+    import pyarrow.fs as pafs
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return pafs.S3FileSystem(endpoint_override=s3_server.endpoint, region=s3_server.region)
+
+
 @pytest.fixture(scope="module")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """PostgreSQL alone on 127.0.0.1 with MLflow's role and database, per module."""

@@ -3,7 +3,8 @@
 `dvc repro` on a tiny sample, a no-op second `dvc repro`, then `dvc exp run -S
 train.lr=...`, which must rerun only train and evaluate; then MLflow must hold both runs
 with their params, metrics and tags, and the registered model must predict exactly what
-the final checkpoint does.
+the final checkpoint does. Then `dvc push` to a DVC remote on a real S3 server and `dvc
+pull` into a fresh clone, where `dvc repro` has nothing to do.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli.services import S3Server
 from pipeline.train.model_card import load_model
 from tests.conftest import ROOT, stage_env, tiny_params, write_params
 
@@ -132,3 +134,29 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
     champion = client.get_model_version_by_alias("alexnet", "champion")
     errors = [float(v) for v in runs["metrics.eval_top1_error_10crop"]]
     assert int(champion.version) == (2 if errors[1] < errors[0] else 1)
+
+
+def test_remote_push_then_pull_into_a_fresh_clone_runs_nothing(
+    project: Path, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the test above: a repro'd workspace with an experiment applied.
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)  # the keys reach DVC through the environment only
+    ws = project
+    dvc(ws, "remote", "add", "-d", "storage", "s3://alexnet-dvc/cache")
+    dvc(ws, "remote", "modify", "storage", "endpointurl", s3_server.endpoint)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-qm", "results and the remote"], cwd=ws, check=True)
+    assert s3_server.secret_key not in (ws / ".dvc/config").read_text()
+    pushed = dvc(ws, "push")
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    assert not (clone / "artifacts/model/model.pt").exists()
+    dvc(clone, "pull")
+    for rel in ("data/shards/meta.json", "data/stats.json", "artifacts/model/model.pt", "metrics/eval.json"):
+        assert (clone / rel).read_bytes() == (ws / rel).read_bytes(), rel
+    again = dvc(clone, "repro")
+    assert ran(again) == set() and "up to date" in again

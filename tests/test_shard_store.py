@@ -1,8 +1,8 @@
 """Shards in object storage, against a real S3 server (moto's): the shard stage's tasks
 write the shard files straight to `data.shard_store`, the stage's DVC output keeps only
 their manifest, the other stages read them from S3, every reader checks each file's
-SHA-256, a killed stage leaves nothing trusted and reruns to the same manifest, and
-`python -m cli.verify` finds a changed shard.
+SHA-256, a stage killed, or losing its S3 server, while it uploads leaves nothing trusted
+and reruns to the same manifest, and `python -m cli.verify` finds a changed shard.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +19,11 @@ import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from cli.services import S3Server
+from cli.services import S3Server, remove_all, start_s3
 from pipeline.data.shards import META, ShardMeta
-from tests.conftest import run_stage, stage_env
+from tests.conftest import run_stage, stage_env, write_params
 
 STORE = "s3://alexnet/shards"
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> pafs.S3FileSystem:
-    """The S3 server's settings in this test's environment (stages inherit it); a client."""
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    return pafs.S3FileSystem(endpoint_override=s3_server.endpoint, region=s3_server.region)
 
 
 def objects(fs: pafs.S3FileSystem, prefix: str) -> dict[str, bytes]:
@@ -123,31 +116,84 @@ def kill_session(leader: int) -> None:
             pass
 
 
+@pytest.fixture(scope="module")
+def clean_manifest(s3_server: S3Server, tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """meta.json of an undisturbed shard stage of the tiny inputs into MANY_STORE."""
+    ws = tmp_path_factory.mktemp("clean")
+    shutil.copytree(tiny_inputs, ws, dirs_exist_ok=True)
+    write_params(ws, {**MANY, "data": {"shard_store": MANY_STORE}})
+    env = stage_env() | s3_server.env()
+    argv = [sys.executable, "-m", "stages.shard"]
+    out = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return meta_json(ws)
+
+
+MANY = {"shard": {"shard_size": 2}}  # 30 shard tasks: a fault lands while they write
+MANY_STORE = f"{STORE}-clean"
+
+
+def start_stage(ws: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.shard"], cwd=ws, env=stage_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_first_upload(fs: pafs.S3FileSystem, store: str, proc: subprocess.Popen) -> None:
+    while not objects(fs, store.removeprefix("s3://")):
+        assert proc.poll() is None, "the shard stage ended before writing to S3"
+
+
+def same_as_clean(ws: Path, store: str, clean: dict) -> None:
+    """The workspace's meta.json is the undisturbed run's, but for the store's name."""
+    meta = meta_json(ws)
+    meta["shards"] = json.loads(json.dumps(meta["shards"]).replace(store, MANY_STORE))
+    assert meta == clean
+
+
 def test_stage_killed_while_writing_to_s3_reruns_to_the_same_manifest(
-    s3_env: pafs.S3FileSystem, workspace_copy
+    s3_env: pafs.S3FileSystem, workspace_copy, clean_manifest: dict
 ) -> None:
     store = f"{STORE}-killed"
-    many = {"shard": {"shard_size": 2}}  # 30 shard tasks: the kill lands while they write
-    clean = workspace_copy("clean", {**many, "data": {"shard_store": f"{STORE}-clean"}})
-    run_stage(clean, "shard")
-    ws = workspace_copy("killed", {**many, "data": {"shard_store": store}})
+    ws = workspace_copy("killed", {**MANY, "data": {"shard_store": store}})
     before = meta_json(ws)  # the local output of the tiny inputs: must stay until a new one is whole
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.shard"], cwd=ws, env=stage_env(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_stage(ws)
     try:
-        while not objects(s3_env, store.removeprefix("s3://")):  # the first upload completed
-            assert proc.poll() is None, "the shard stage ended before writing to S3"
+        wait_for_first_upload(s3_env, store, proc)
     finally:
         kill_session(proc.pid)
         proc.wait()
     assert meta_json(ws) == before  # nothing of the killed run is trusted
-    assert all(store not in uri for fmt in before["shards"].values() for s in fmt.values() for uri in s)
-
     run_stage(ws, "shard")
-    rerun, reference = meta_json(ws), meta_json(clean)
-    rerun["shards"] = json.loads(json.dumps(rerun["shards"]).replace(store, f"{STORE}-clean"))
-    assert rerun == reference
+    same_as_clean(ws, store, clean_manifest)
     assert verify(ws).returncode == 0
+
+
+def test_s3_server_lost_mid_stage_fails_cleanly_and_reruns_to_the_same_manifest(
+    workspace_copy, clean_manifest: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = f"{STORE}-restart"
+    ws = workspace_copy("restart", {**MANY, "data": {"shard_store": store}})
+    before = meta_json(ws)
+    first = start_s3("127.0.0.1", tmp_path / "first")  # a server of its own, to stop mid-stage
+    try:
+        for key, value in first.env().items():
+            monkeypatch.setenv(key, value)
+        proc = start_stage(ws)
+        fs = pafs.S3FileSystem(endpoint_override=first.endpoint, region=first.region)
+        wait_for_first_upload(fs, store, proc)
+    finally:
+        remove_all((first.process,), ())
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and first.endpoint.split("//")[1] in err, err[-3000:]
+    assert meta_json(ws) == before
+
+    second = start_s3("127.0.0.1", tmp_path / "second")  # moto keeps nothing: a fresh, empty store
+    try:
+        for key, value in second.env().items():
+            monkeypatch.setenv(key, value)
+        run_stage(ws, "shard")
+    finally:
+        remove_all((second.process,), ())
+    same_as_clean(ws, store, clean_manifest)
