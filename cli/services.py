@@ -98,6 +98,10 @@ class ServicesInfo:
         return {
             "MLFLOW_TRACKING_URI": self.mlflow.uri,
             "MLFLOW_DISABLE_TELEMETRY": "true",
+            # Artifacts come through the server, as they go in: its presigned-URL downloads
+            # would send clients to the S3 endpoint with the server's signature, and retry
+            # every chunk for minutes when that fails.
+            "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
             **self.s3.env(),
             **self.postgres.env(),
         }

@@ -176,6 +176,8 @@ def test_s3_server_lost_mid_stage_fails_cleanly_and_reruns_to_the_same_manifest(
     store = f"{STORE}-restart"
     ws = workspace_copy("restart", {**MANY, "data": {"shard_store": store}})
     before = meta_json(ws)
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
     first = start_s3("127.0.0.1", tmp_path / "first")  # a server of its own, to stop mid-stage
     try:
         for key, value in first.env().items():
