@@ -180,6 +180,7 @@ class TrainParams(_Section):
     momentum: float = field(default=0.9, metadata=_range(0.0, 0.999))
     weight_decay: float = field(default=0.0005, metadata=_range(0.0, 1.0))
     schedule: Literal["plateau", "step"] = "plateau"
+    warmup_epochs: int = field(default=0, metadata=_range(0))  # linear lr warmup, per step (schedules.py)
     patience: int = field(default=2, metadata=_range(0))
     max_reductions: int = field(default=3, metadata=_range(0))
     step_size: int = field(default=30, metadata=_range(1))
@@ -208,6 +209,22 @@ class TrainParams(_Section):
                 f"train.batch_size={self.batch_size}: expected a multiple of train.num_workers="
                 f"{self.num_workers} (the global batch is split evenly over the workers)"
             )
+
+
+@dataclass(frozen=True)
+class DivergenceParams(_Section):
+    """When a training run counts as diverged: it stops early, is tagged `diverged` in
+    MLflow and is never registered (pipeline/train/divergence.py).
+
+    A loss that is not finite always counts. From epoch `after_epochs` on (0: never), so
+    does an epoch whose train loss is still within `chance_margin` (a fraction) of ln C,
+    the loss of a network that predicts the uniform distribution over its C classes.
+    """
+
+    SECTION = "divergence"
+
+    after_epochs: int = field(default=5, metadata=_range(0))
+    chance_margin: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,7 @@ class Params:
     stats: StatsParams
     model: ModelParams
     train: TrainParams
+    divergence: DivergenceParams
     evaluate: EvaluateParams
     mlflow: MlflowParams
 

@@ -124,6 +124,20 @@ def write_per_class(
     atomic_write_text(path, buf.getvalue())
 
 
+def write_confusion(path: Path, confusion: np.ndarray, classes: list[str], names: list[str]) -> None:
+    """The confusion matrix's non-zero cells as CSV, most frequent first: true and predicted
+    class (label, wnid, name) and the count of val images (the paper report's confusion pairs)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["true_label", "true_wnid", "true_name", "pred_label", "pred_wnid", "pred_name", "images"]
+    )
+    cells = sorted(zip(*np.nonzero(confusion), strict=True), key=lambda tc: (-confusion[tc], tc))
+    for t, c in cells:
+        writer.writerow([t, classes[t], names[t], c, classes[c], names[c], int(confusion[t, c])])
+    atomic_write_text(path, buf.getvalue())
+
+
 def log_to_mlflow(
     run_id: str,
     model: torch.nn.Module,
@@ -171,16 +185,19 @@ def evaluate(params: Params) -> dict[str, Any]:
     data, ev = params.data, params.evaluate
     model, card = load_model(data.model)
     tracking.connect()
+    tracking.require_not_diverged(card.mlflow_run_id)
     meta = ShardMeta.read(data.shards)
 
     init_ray()
     ds = read_shards(data.shards, "val", fmt=data.format, decode=False)
     result = score(ds, data.model, ev.ten_crop, ev.batch_size, card.num_classes)
     plots = Path(data.plots)
-    files = [plots / "per_class_error.csv", plots / "confusion.png", plots / "curves.png"]
+    names = ("per_class_error.csv", "confusion.png", "curves.png", "confusion.csv")
+    files = [plots / name for name in names]
     write_per_class(files[0], result.per_class, result.modes, card.classes, meta.names)
     plot_confusion(files[1], result.confusion, card.classes)
     plot_curves(files[2], plots / "train_history.csv")
+    write_confusion(files[3], result.confusion, card.classes, meta.names)
     metrics = result.metrics
     registry = log_to_mlflow(card.mlflow_run_id, model, card, metrics, files, params.mlflow.registered_model)
     out = {**metrics, "model_version": registry["version"], "champion": registry["champion"]}

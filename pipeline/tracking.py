@@ -272,6 +272,23 @@ def log_dataset(path: str, digest: str, name: str, context: str) -> None:
     mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36] or None), context=context)
 
 
+def require_not_diverged(run_id: str) -> None:
+    """Refuses to go on with a run the train stage tagged `diverged` (its model must never
+    be registered or made `candidate`).
+
+    Raises:
+        RuntimeError: Naming the run and the recorded reason.
+    """
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_run(run_id).data.tags
+    if tags.get("diverged") == "true":
+        raise RuntimeError(
+            f"MLflow run {run_id} diverged in training "
+            f"({tags.get('diverged_reason', 'no reason recorded')}): its model is not evaluated or registered"
+        )
+
+
 def register_model(run_id: str, model_name: str, val_top1_error: float) -> dict[str, Any]:
     """Aliases the run's newest registered version `candidate`, and `champion` when its
     val top-1 error beats the current champion's.

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.data.shards import read_shards
 from pipeline.data.stats import ColorStats
-from pipeline.evaluate import average_crops, score, write_per_class
+from pipeline.evaluate import average_crops, score, write_confusion, write_per_class
 from pipeline.train.model_card import ModelCard, build_network, save_model
 
 
@@ -83,3 +83,9 @@ def test_scores_are_the_hand_counts(
     assert [(r["wnid"], r["name"], r["top1_error_center"], r["top1_error_10crop"]) for r in rows] == [
         ("a", "A", "1.0000", "1.0000"), ("b", "B", "0.0000", "0.0000"), ("c", "C", "1.0000", "1.0000")
     ]  # fmt: skip
+
+    confusion = np.array([[1, 4, 0], [0, 2, 0], [3, 0, 0]])
+    write_confusion(tmp_path / "cm.csv", confusion, ["a", "b", "c"], ["A", "B", "C"])
+    with open(tmp_path / "cm.csv") as f:
+        cells = [(r["true_wnid"], r["pred_name"], r["images"]) for r in csv.DictReader(f)]
+    assert cells == [("a", "B", "4"), ("c", "A", "3"), ("b", "B", "2"), ("a", "A", "1")]

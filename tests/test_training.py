@@ -58,6 +58,24 @@ def test_step_schedule() -> None:
     assert lrs == pytest.approx([0.01, 0.001, 0.001, 0.0001, 0.0001])
 
 
+def test_warmup_rises_linearly_per_step_then_hands_over() -> None:
+    s = StepSchedule(lr=0.01, step_size=2, warmup_epochs=2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    steps = 4  # per epoch
+    epoch0 = [s.apply(opt, 0 + (i + 1) / steps) for i in range(steps)]
+    assert epoch0 == pytest.approx([0.01 / 8, 0.01 * 2 / 8, 0.01 * 3 / 8, 0.01 * 4 / 8])
+    s.step(0.0)
+    assert s.apply(opt, 1 + 4 / steps) == pytest.approx(0.01)  # the end of warmup
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    s.step(0.0)
+    assert s.apply(opt, 2.25) == pytest.approx(0.001)  # then the step schedule alone
+    plateau = PlateauSchedule(lr=0.02, patience=1, max_reductions=1, warmup_epochs=1)
+    assert plateau.lr_at(0.5) == pytest.approx(0.01) and plateau.lr_at(1.0) == pytest.approx(0.02)
+    restored = StepSchedule(lr=1.0, step_size=1)
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr_at(0.5) == pytest.approx(s.lr_at(0.5))
+
+
 def weights(ws: Path) -> dict[str, torch.Tensor]:
     return torch.load(ws / "artifacts/model/model.pt", map_location="cpu", weights_only=True)
 

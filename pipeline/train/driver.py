@@ -22,6 +22,7 @@ from pipeline.config import Params, TrainParams
 from pipeline.data.shards import QUARANTINE, CorruptShardError, ShardMeta, check_shard_files
 from pipeline.data.stats import ColorStats
 from pipeline.storage import absolute, atomic_write_text, join
+from pipeline.train.divergence import TrainingDiverged, check_history
 from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
 from pipeline.train.model_card import ModelCard, build_network, save_model
 from pipeline.train.runstate import RunState, run_key
@@ -168,6 +169,7 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
     history = final["history"]
     tracking.EpochLogger(cfg.mlflow).require(history)  # epochs a tracking outage left unlogged
     run_id = cfg.mlflow.run_id
+    _refuse_diverged(history, cfg, state)
     mlflow.set_tag("worker_nodes", ",".join(final["placements"][-1]))
     card = ModelCard(
         arch=cfg.model,
@@ -193,6 +195,30 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
     return summary
 
 
+def _refuse_diverged(history: list[dict[str, float]], cfg: WorkerConfig, state: RunState) -> None:
+    """Tags a diverged run in MLflow and stops before its model is exported (so it is never
+    evaluated, registered or made `candidate`); a rerun of the stage starts afresh.
+
+    Raises:
+        TrainingDiverged: Naming the epoch, the loss and the params to change.
+    """
+    import mlflow
+
+    verdict = check_history(history, cfg.num_classes, cfg.divergence)
+    if not verdict:
+        return
+    mlflow.set_tags(
+        {"diverged": "true", "diverged_reason": verdict.reason, "diverged_epoch": str(verdict.epoch)}
+    )
+    state.write({"mlflow_run_id": cfg.mlflow.run_id, "complete": True, "diverged": verdict.reason})
+    raise TrainingDiverged(
+        f"training diverged, stopped after epoch {verdict.epoch} of {cfg.train.epochs}: {verdict.reason}. "
+        f"The model is not exported or registered (MLflow run {cfg.mlflow.run_id} is tagged diverged=true). "
+        f"Try a lower train.lr (now {cfg.train.lr:g}) or a longer train.warmup_epochs "
+        f"(now {cfg.train.warmup_epochs})."
+    )
+
+
 def train(params: Params) -> dict:
     """Runs the train stage: resumes the interrupted run of the same config, else starts one.
 
@@ -208,7 +234,7 @@ def train(params: Params) -> dict:
     meta = ShardMeta.read(data.shards)
     stats = ColorStats.read(data.stats)
     uri = tracking.connect()  # before any expensive work
-    cfg = WorkerConfig(params.model, p, stats, meta, data.format)
+    cfg = WorkerConfig(params.model, p, stats, meta, data.format, divergence=params.divergence)
     check_runnable(cfg)
     check_shards(meta, data.format, p)
     model_params, train_params = dataclasses.asdict(params.model), dataclasses.asdict(p)

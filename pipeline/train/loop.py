@@ -23,7 +23,7 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from models import unwrap
-from pipeline.config import ModelParams, TrainParams
+from pipeline.config import DivergenceParams, ModelParams, TrainParams
 from pipeline.data.shards import ShardMeta
 from pipeline.data.stats import ColorStats
 from pipeline.scoring import hits, top_classes
@@ -46,6 +46,7 @@ from pipeline.train.batches import (
     torch_seed,
     worker_files,
 )
+from pipeline.train.divergence import check_history
 from pipeline.train.model_card import build_network
 from pipeline.train.schedules import make_schedule
 from pipeline.transforms import Augmenter, GpuTrainAugment, TrainAugment, eval_batch
@@ -64,6 +65,7 @@ class WorkerConfig:
         shards: The shards' manifest (where they are, which files).
         fmt: The shard format to read (data.format).
         mlflow: Where rank 0 logs per-epoch metrics (None: not tracked).
+        divergence: When a run stops early as diverged.
     """
 
     model: ModelParams
@@ -72,6 +74,7 @@ class WorkerConfig:
     shards: ShardMeta
     fmt: str
     mlflow: RunRef | None = None
+    divergence: DivergenceParams = DivergenceParams()
 
     @property
     def num_classes(self) -> int:
@@ -119,7 +122,13 @@ def _autocast(p: TrainParams, device: torch.device):
 
 
 def train_epoch(
-    model, opt, batches: Iterable, totals: list[int], p: TrainParams, device: torch.device
+    model,
+    opt,
+    batches: Iterable,
+    totals: list[int],
+    p: TrainParams,
+    device: torch.device,
+    before_step: Callable[[int], object] | None = None,
 ) -> _Sums:
     """One epoch of this worker: one SGD step per entry of `totals`.
 
@@ -131,6 +140,7 @@ def train_epoch(
         totals: Images of each step over all workers (`step_totals`).
         p: The train params.
         device: Where the model is.
+        before_step: Called with each step's index before it (the schedule sets its lr).
 
     Returns:
         This worker's counts (`all_reduced` sums them over the workers).
@@ -138,7 +148,9 @@ def train_epoch(
     model.train()
     sums, batches = _Sums(), iter(batches)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    for total in totals:
+    for i, total in enumerate(totals):
+        if before_step:
+            before_step(i)
         x, y = next(batches, (None, None))
         if x is None:  # this share has run out: a step of weight 0 keeps the all-reduces paired
             x, y = torch.zeros(1, 3, p.crop, p.crop), torch.zeros(1, dtype=torch.long)
@@ -274,7 +286,6 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     p, epoch = cfg.train, len(run.history)
     local_batch = p.batch_size // world
-    run.sched.apply(run.opt)
     torch.manual_seed(torch_seed(p.seed, epoch, rank))  # dropout
     t0 = time.perf_counter()
     sizes = cfg.shards.file_sizes("train", cfg.fmt)
@@ -283,7 +294,9 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     rows = shard_rows(shares[rank], cfg.fmt, local_batch, cfg.shards.digests("train", cfg.fmt))
     batches = epoch_batches(rows, local_batch, p.seed, epoch)
     batches = augmented_batches(batches, augment, p.seed, epoch, rank)
-    tr = train_epoch(model, run.opt, batches, totals, p, device).all_reduced(device)
+    steps = len(totals)
+    warm = lambda i: run.sched.apply(run.opt, epoch + (i + 1) / steps)  # noqa: E731 - lr per step
+    tr = train_epoch(model, run.opt, batches, totals, p, device, warm).all_reduced(device)
     train_time = time.perf_counter() - t0
     val_files = cfg.shards.files("val", cfg.fmt)[rank::world]
     val_rows = shard_rows(val_files, cfg.fmt, local_batch, cfg.shards.digests("val", cfg.fmt))
@@ -291,7 +304,7 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     va = _validate(unwrap(model), val_rows, cfg, device, augment).all_reduced(device)
     return {
         "epoch": epoch + 1,
-        "lr": run.sched.lr,
+        "lr": run.sched.lr_at(epoch + 1),  # the epoch's last step's
         **tr.metrics("train"),
         **va.metrics("val"),
         "images_per_s": tr.images / train_time,
@@ -342,7 +355,13 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     logger = EpochLogger(cfg.mlflow) if ctx.get_world_rank() == 0 and cfg.mlflow else None
     if logger:
         logger.backfill(run.history)
-    while len(run.history) < cfg.train.epochs and not run.sched.stop:
+    # A diverged run stops after the epoch that shows it (every worker sees the same
+    # all-reduced history); the driver refuses to export it.
+    while (
+        len(run.history) < cfg.train.epochs
+        and not run.sched.stop
+        and not check_history(run.history, cfg.num_classes, cfg.divergence)
+    ):
         metrics = _epoch(run, model, augment, cfg, device)
         run.sched.step(metrics["val_top1_error"])
         run.history.append(metrics)
