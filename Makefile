@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test ui lint bench clean cluster-up cluster-down
+# apt-get needs root: sudo when make is not run as root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps run paper test ui lint bench clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,14 +19,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## System packages: Debian's chromium, which renders the paper report headless in its test.
+system-deps:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
 ## Run the whole DVC pipeline on the embedded sample, then print the results.
 run: $(STAMP)
 	test -d .dvc || dvc init -q
 	dvc repro
 	$(PY) -m cli.report
 
+## The paper's ablations as DVC experiments on the sample, then reports/paper.{md,html}.
+paper: $(STAMP)
+	test -d .dvc || dvc init -q
+	$(PY) -m cli.paper
+
 ## The whole test suite (real Ray, MLflow, DVC on tiny generated data).
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 ## The MLflow UI over the local store, on 127.0.0.1 only.
@@ -54,4 +66,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/peers_read.py
 
 clean:
-	rm -rf data artifacts metrics plots mlflow.db mlruns
+	rm -rf data artifacts metrics plots mlflow.db mlruns reports

@@ -86,6 +86,27 @@ def write_params(workdir: Path, overrides: dict[str, dict] | None = None) -> Pat
     return path
 
 
+def git_project(ws: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """A fresh git + DVC checkout of this project's files in `ws`, with the tiny params."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, ws / rel)
+    write_params(ws, overrides)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny profile"], cwd=ws, check=True)
+    return ws
+
+
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace after the sample, shard and stats stages of the tiny profile (read-only:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from cli.services import S3Server
 from pipeline.train.model_card import load_model
-from tests.conftest import ROOT, stage_env, tiny_params, write_params
+from tests.conftest import git_project, stage_env, tiny_params
 
 STAGES = ("sample", "shard", "stats", "train", "evaluate")
 
@@ -43,24 +42,7 @@ def ran(log: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git + DVC checkout of this project's files with the tiny params."""
-    ws = tmp_path_factory.mktemp("project")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, ws / rel)
-    write_params(ws)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
-    subprocess.run([*git, "commit", "-qm", "tiny profile"], cwd=ws, check=True)
-    return ws
+    return git_project(tmp_path_factory.mktemp("project"))
 
 
 def test_repro_then_noop_then_experiment(project: Path) -> None:
