@@ -101,12 +101,12 @@ def prepare_experiment() -> str:
     import mlflow
 
     tracking.connect()
-    found = mlflow.get_experiment_by_name(EXPERIMENT)
-    if found:
-        return found.experiment_id
-    # A local store keeps artifacts beside it; a tracking server decides for itself.
-    artifacts = Path("mlruns").resolve().as_uri() if tracking.tracking_uri().startswith("sqlite:") else None
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    if not mlflow.get_experiment_by_name(EXPERIMENT):
+        # A local store keeps artifacts beside it; a tracking server decides for itself.
+        local = tracking.tracking_uri().startswith("sqlite:")
+        artifacts = Path("mlruns").resolve().as_uri() if local else None
+        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    return tracking.use_experiment(EXPERIMENT)
 
 
 def queue_and_run(set_id: str, ablations: list[Ablation], extra: list[str]) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,27 @@ def _check_server_store(uri: str, timeout_s: float) -> None:
         f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is up but cannot read its backend store: "
         f"{cause}. Check the server's database (its --backend-store-uri) and the server's log."
     )
+
+
+# MLflow 3's UI opens an experiment without this tag on an empty GenAI overview; with it,
+# on the runs table of a model-training experiment.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def use_experiment(name: str) -> str:
+    """Makes `name` the active MLflow experiment (created if new), tagged as one of model
+    training runs so the UI opens on its runs.
+
+    Returns:
+        The experiment id.
+    """
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    key, kind = EXPERIMENT_KIND
+    if experiment.tags.get(key) != kind:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
+    return experiment.experiment_id
 
 
 def git_tags(repo: str | Path = ".") -> dict[str, str]:
@@ -268,7 +290,11 @@ def log_dataset(path: str, digest: str, name: str, context: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(str(Path(path).resolve()) if "://" not in path else path)
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source twice (schemes "" and "file"), so a local
+        # path matches both; they are the same source, and MLflow picks the first.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(path).resolve()) if "://" not in path else path)
     mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36] or None), context=context)
 
 

@@ -29,7 +29,9 @@ def main() -> None:
         store=data.shard_store,
     )
     atomic_write_text(data.shard_metrics, json.dumps(metrics, indent=1))
-    print(json.dumps(metrics, indent=1))
+    counts = ", ".join(f"{split} {n}" for split, n in metrics["sharded"].items())
+    bad = sum(metrics["quarantined"].values())
+    print(f"shard: {counts} images sharded, {bad} quarantined -> {data.shards} ({data.shard_metrics})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ def main() -> None:
     init_ray()
     stats = compute_stats(data.shards, fmt=data.format, max_shards=params.stats.max_shards)
     stats.write(data.stats)
-    print(stats.to_json())
+    mean = ", ".join(f"{v:.3f}" for v in stats.mean)
+    eigval = ", ".join(f"{v:.4f}" for v in stats.eigval)
+    print(f"stats: {stats.num_images} train images, RGB mean ({mean}), eigenvalues ({eigval}): {data.stats}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """DVC stage `train`: Ray Train AlexNet on the shards, tracked in MLflow, resumable."""
 
-import json
 import sys
 
 from pipeline.config import load_params_or_exit
@@ -17,7 +16,11 @@ def main() -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(DIVERGED_EXIT) from None
-    print(json.dumps(summary, indent=1))
+    print(
+        f"train: {summary['epochs_run']} epochs, val top-1 error {summary['val_top1_error']:.2%} "
+        f"(best {summary['best_val_top1_error']:.2%}), train loss {summary['train_loss']:.3f}, "
+        f"MLflow run {summary['mlflow_run_id']}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,16 @@ from pipeline.train.divergence import check_epoch, check_history
 from tests.conftest import stage_env
 
 P = DivergenceParams(after_epochs=3, chance_margin=0.02)
+# Ray's and MLflow's internal chatter the train stage used to print (issue 14), and the
+# requires_grad warning of converting a loss that was not detached.
+NOISE = (
+    "TrainingReport(",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "Starting execution of Dataset",
+    "The specified dataset source can be interpreted in multiple ways",
+    "requires_grad",
+)
 CHANCE = math.log(10)
 
 
@@ -53,7 +64,7 @@ def test_params_are_validated(raw: dict, message: str) -> None:
     assert str(e.value) == message
 
 
-def test_a_diverging_run_stops_early_tagged_and_unregistered(workspace_copy) -> None:
+def test_a_diverging_run_stops_early_tagged_and_unregistered_with_a_quiet_console(workspace_copy) -> None:
     ws = workspace_copy(
         "diverges", {"train": {"epochs": 8, "lr": 10.0}, "divergence": {"after_epochs": 2}}
     )
@@ -62,6 +73,10 @@ def test_a_diverging_run_stops_early_tagged_and_unregistered(workspace_copy) -> 
     assert out.returncode == 3, out.stderr[-3000:]
     assert "error: training diverged, stopped after epoch" in out.stderr
     assert "Traceback" not in out.stderr.split("error: training diverged")[-1]
+    console = out.stdout + out.stderr
+    assert [line for line in NOISE if line in console] == []
+    progress = r"epoch 1/8  train loss [0-9.naif]+  top-1 error train .* left"
+    assert re.search(progress, console), console[-3000:]
     assert not (ws / "artifacts/model/model.pt").exists(), "a diverged model must not be exported"
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
@@ -73,6 +88,9 @@ def test_a_diverging_run_stops_early_tagged_and_unregistered(workspace_copy) -> 
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert steps == list(range(1, stopped + 1)), "training must stop after the epoch that showed it"
     assert client.search_registered_models() == []
+    # The MLflow UI opens the experiment on its training runs, not MLflow 3's GenAI overview.
+    kind = client.get_experiment_by_name("alexnet").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
 
     # The evaluate stage refuses it too, even pointed at a model card of that run.
     from pipeline.tracking import require_not_diverged

@@ -37,7 +37,7 @@ def _open_mlflow_run(state: RunState, params: Params) -> str:
         return saved["mlflow_run_id"]
     state.reset()
     data = params.data
-    mlflow.set_experiment(params.mlflow.experiment)
+    tracking.use_experiment(params.mlflow.experiment)
     with mlflow.start_run(run_name=state.name) as run:
         mlflow.log_params(params.flat())
         mlflow.set_tags(tracking.run_tags())
@@ -155,6 +155,9 @@ def fit(cfg: WorkerConfig, storage_path: str, name: str):
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report INFO lines (each epoch's whole TrainingReport, checkpoint
+            # paths, worker-group start) would bury the workers' one line per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()

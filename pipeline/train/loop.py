@@ -20,6 +20,7 @@ it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import time
@@ -48,10 +49,12 @@ from pipeline.train.batches import (
 )
 from pipeline.train.divergence import check_history
 from pipeline.train.model_card import build_network
+from pipeline.train.progress import progress_line
 from pipeline.train.schedules import make_schedule
 from pipeline.transforms import Augmenter, GpuTrainAugment, TrainAugment, eval_batch
 
 STATE_FILE = "state.pt"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ def _validate(model, loader: Iterable, cfg: WorkerConfig, device: torch.device, 
         for batch in loader:
             images = augment.decode(batch["jpeg"])
             x = eval_batch(images, cfg.stats, cfg.train.crop, ten_crop=False)  # (B, 3, crop, crop)
-            yield x, torch.as_tensor(batch["label"])
+            yield x, torch.tensor(batch["label"])  # a copy: Ray Data's arrays are read-only
 
     for x, y in run_ahead(prepared()):
         x, y = x.to(device), y.to(device)
@@ -343,6 +346,13 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     cfg = config["worker"]
     ctx = ray.train.get_context()
     DataContext.get_current().enable_progress_bars = False  # the stage prints one line per epoch
+    # Ray Data's start/plan/end of each epoch's datasets, and Ray Train's whole TrainingReport
+    # per epoch: Ray 2.60 logs that one under the module's file path, outside `ray.train`,
+    # so RunConfig's LoggingConfig (which quiets the controller) does not reach it.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     # Every core of this node's share, not just the CPUs reserved from Ray: the reservation
     # must leave CPUs for the Ray Data tasks that feed the workers.
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
@@ -368,4 +378,6 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
         _checkpoint(run, metrics, cfg)
         if logger:  # after the checkpoint: a crash before it reruns (and logs) the epoch once
             logger.log_epoch(metrics)
+        if ctx.get_world_rank() == 0:  # a log record: Ray Train's patched print would tee it twice
+            _log.info(progress_line(run.history, cfg.train.epochs))
     augment.close()
