@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pyarrow.fs as pafs
+import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -74,8 +75,13 @@ def test_interrupted_training_resumes_from_checkpoints_on_s3(
     assert json.loads((ws / "metrics/eval.json").read_text())["num_images"] == 12
 
 
-def test_two_trainings_at_once_on_one_tracking_server(services: ServicesInfo, workspace_copy) -> None:
-    # The teams' setup: `mlflow server` on PostgreSQL, artifacts proxied to S3.
+def test_two_trainings_at_once_on_one_tracking_server(
+    services: ServicesInfo, workspace_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The teams' setup: `mlflow server` on PostgreSQL, artifacts proxied to S3. This test is
+    # a client too, with what services.env gives users.
+    for key, value in services.env().items():
+        monkeypatch.setenv(key, value)
     env = stage_env() | services.env()
     spaces = [workspace_copy(name, {"train": {"lr": lr}}) for name, lr in (("a", 0.01), ("b", 0.02))]
     procs = [
