@@ -9,6 +9,7 @@ the whole new one (`publish_dir`), never a part.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -71,6 +72,36 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+class NoSpaceError(OSError):
+    """A write that does not fit on its filesystem (errno ENOSPC), naming the path and the
+    bytes it needs."""
+
+
+def require_space(path: str | Path, needed: int) -> None:
+    """Fails before writing `needed` bytes to `path` (a local file or folder, which need not
+    exist yet) when its filesystem has less free space than that.
+
+    Raises:
+        NoSpaceError: Naming the path, the bytes needed and the bytes free.
+    """
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise NoSpaceError(errno.ENOSPC, _no_space(path, needed, free))
+
+
+def _no_space(path: str | Path, needed: int, free: int) -> str:
+    return f"{path}: no space left to write {needed:,} bytes ({free:,} bytes free on its filesystem)"
+
+
+def _nbytes(data: bytes | memoryview | list[bytes]) -> int:
+    if isinstance(data, list):
+        return sum(len(piece) for piece in data)
+    return memoryview(data).nbytes
+
+
 def atomic_write_bytes(
     path: str | Path, data: bytes | memoryview | list[bytes], mode: int = 0o666, *, fsync: bool = True
 ) -> None:
@@ -85,20 +116,33 @@ def atomic_write_bytes(
         fsync: False leaves making the bytes durable to the caller (`sync_paths`), for
             files that become visible only later, with a whole folder; the rename still
             guarantees that `path` never holds a partial file.
+
+    Raises:
+        NoSpaceError: The filesystem has less free space than `data` needs (checked first)
+            or ran out while writing; the partial temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _nbytes(data)
+    require_space(path.parent, needed)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)  # a leftover of a crashed writer keeps its old mode under O_CREAT
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        if isinstance(data, list):
-            f.writelines(data)
-        else:
-            f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno != errno.ENOSPC:
+            raise
+        # Free space checked above, then taken by another writer meanwhile.
+        raise NoSpaceError(errno.ENOSPC, _no_space(path, needed, shutil.disk_usage(path.parent).free)) from e
     tmp.replace(path)
 
 
