@@ -1,10 +1,13 @@
 """Finding a training checkpoint that loads, when the newest one may be damaged.
 
 Ray Train writes each epoch's checkpoint to `<storage_path>/<run name>/epoch-NNNN/`
-(pipeline.train.loop's `checkpoint_dir_name`), and resumes from the newest one it
-registered. A disk that filled up, a node lost while its file was copied to shared storage,
-or a truncated upload can leave that newest `state.pt` unreadable; the run can still go on
-from an older one instead of failing on every restart.
+(`checkpoint_name`), and resumes from the newest one it registered. A disk that filled up,
+a node lost while its file was copied to shared storage, or a truncated upload can leave
+that newest `state.pt` unreadable; `resume_state` then goes on from the newest older one
+that loads instead of failing on every restart. An epoch trained again after such a
+fallback is saved as `epoch-NNNN-rK`: Ray Train still keeps the damaged `epoch-NNNN`, and
+two registered checkpoints sharing a folder would have Ray delete the good one with the
+bad.
 """
 
 from __future__ import annotations
@@ -13,49 +16,161 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-CHECKPOINT_DIR = re.compile(r"epoch-(\d+)")
+import pyarrow.fs as pafs
+
+from pipeline.storage import require_space
+
+CHECKPOINT_DIR = re.compile(r"epoch-(\d+)(?:-r(\d+))?")
+# What torch.load raises on a truncated, empty or overwritten file, or a missing one.
+LOAD_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed worker starts.
+
+    Attributes:
+        state: The loaded state file (pipeline.train.loop.save_state's dict).
+        folder: The checkpoint folder it came from.
+        taken: Checkpoint folder names present in the run folder, which new checkpoints
+            must not reuse (`checkpoint_name`).
+    """
+
+    state: dict[str, Any]
+    folder: str
+    taken: frozenset[str]
+
+
+def _order(name: str) -> tuple[int, int]:
+    """(epoch, retry) of a checkpoint folder name: later retries of an epoch are newer."""
+    m = CHECKPOINT_DIR.fullmatch(name)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def checkpoint_name(epoch: int, taken: Collection[str]) -> str:
+    """The folder name of epoch `epoch`'s checkpoint: `epoch-NNNN`, or `epoch-NNNN-rK` with the
+    smallest K >= 1 not in `taken` when a (damaged) checkpoint of that epoch is still kept."""
+    name, retry = f"epoch-{epoch:04d}", 0
+    while name in taken:
+        retry += 1
+        name = f"epoch-{epoch:04d}-r{retry}"
+    return name
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """The run's `epoch-NNNN` checkpoint folders, newest (highest epoch) first."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CHECKPOINT_DIR.fullmatch(p.name))]
-    return [p for _, p in sorted(found, reverse=True) if p.is_dir()]
+    """The run's checkpoint folders, newest (highest epoch, then retry) first."""
+    found = [p for p in Path(run_dir).iterdir() if CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: _order(p.name), reverse=True)
 
 
-def newest_valid_checkpoint(run_dir: str | Path) -> Path | None:
+def _problem(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the folder's state, None) when it loads and holds its epoch, else (None, why not)."""
+    from pipeline.train.loop import load_state  # loop.py imports this module
+
+    try:
+        state = load_state(folder)
+    except LOAD_ERRORS as e:
+        return None, f"{type(e).__name__}: {e}"
+    if isinstance(state, dict) and state.get("epoch") == _order(folder.name)[0]:
+        return state, None
+    return None, "not this epoch's state"
+
+
+def newest_valid_checkpoint(
+    run_dir: str | Path, older_than: str | None = None
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint folder of a run whose state file loads (tensors only) and
-    holds the epoch its name says.
+    holds the epoch its name says, with that state.
 
     Each newer folder that fails is skipped with a RuntimeWarning naming its file and the
     reason, so the log says which epochs are retrained.
 
     Args:
         run_dir: The Ray Train run's folder, `<data.checkpoints>/<run name>`.
+        older_than: Only folders older than this checkpoint folder name.
 
     Returns:
-        That folder, or None when the run has no loadable checkpoint (or no folder yet).
+        (folder, state), or None when the run has no loadable checkpoint (or no folder yet).
     """
-    # Imported here: loop.py, which resumes from what this returns, may import this module.
-    from pipeline.train.loop import STATE_FILE, load_state
+    from pipeline.train.loop import STATE_FILE
 
     if not Path(run_dir).is_dir():
         return None
     for folder in checkpoint_dirs(run_dir):
-        epoch = int(CHECKPOINT_DIR.fullmatch(folder.name).group(1))
-        try:
-            state = load_state(folder)
-            problem = (
-                None if isinstance(state, dict) and state.get("epoch") == epoch else "not this epoch's state"
-            )
-        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            problem = f"{type(e).__name__}: {e}"
+        if older_than is not None and _order(folder.name) >= _order(older_than):
+            continue
+        state, problem = _problem(folder)
         if problem is None:
-            return folder
+            return folder, state
         warnings.warn(
             f"{folder / STATE_FILE}: unreadable checkpoint ({problem}); trying the one before it",
             RuntimeWarning,
             stacklevel=2,
         )
     return None
+
+
+def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
+    """The state a restarted worker resumes from: Ray Train's latest checkpoint when it
+    loads, else (local or mounted storage) the newest older one that does, with a
+    RuntimeWarning naming the damaged file and the folder used instead.
+
+    Args:
+        path: Ray Train's latest checkpoint folder (`Checkpoint.path`).
+        filesystem: Its filesystem (`Checkpoint.filesystem`).
+
+    Raises:
+        RuntimeError: No checkpoint of the run loads (naming the run folder), or the latest
+            does not load and the storage is remote (naming the checkpoint).
+    """
+    from pipeline.train.loop import STATE_FILE, load_state
+
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        import ray.train
+
+        try:
+            with ray.train.Checkpoint(path, filesystem).as_directory() as d:
+                return Resume(load_state(d), path, frozenset())
+        except LOAD_ERRORS as e:
+            problem = f"{path}/{STATE_FILE}: checkpoint does not load ({e})"
+            raise RuntimeError(f"{problem}; delete the run's folder to start over") from e
+    latest, run_dir = Path(path), Path(path).parent
+    taken = frozenset(p.name for p in checkpoint_dirs(run_dir))
+    state, problem = _problem(latest)
+    if problem is None:
+        return Resume(state, path, taken)
+    warnings.warn(f"{latest / STATE_FILE}: unreadable checkpoint ({problem})", RuntimeWarning, stacklevel=2)
+    found = newest_valid_checkpoint(run_dir, older_than=latest.name)
+    if found is None:
+        raise RuntimeError(f"{run_dir}: no checkpoint of this run loads; delete the folder to start over")
+    folder, state = found
+    warnings.warn(
+        f"resuming from {folder} (epoch {state['epoch']}) instead of the damaged {latest}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return Resume(state, str(folder), taken)
+
+
+def require_checkpoint_space(state_dir: Path, name: str) -> None:
+    """Fails before Ray Train copies a checkpoint into local (or mounted) run storage that
+    lacks the room for it, so no half-copied checkpoint becomes the latest.
+
+    Args:
+        state_dir: The checkpoint's files, written to a local temporary folder.
+        name: The checkpoint folder name in the run folder (`checkpoint_name`).
+
+    Raises:
+        pipeline.storage.NoSpaceError: Naming the checkpoint folder and the bytes needed.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    if isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
+        needed = sum(f.stat().st_size for f in state_dir.iterdir())
+        require_space(Path(storage.experiment_fs_path) / name, needed)

@@ -47,6 +47,7 @@ from pipeline.train.batches import (
     torch_seed,
     worker_files,
 )
+from pipeline.train.checkpoints import checkpoint_name, require_checkpoint_space, resume_state
 from pipeline.train.divergence import check_history
 from pipeline.train.model_card import build_network
 from pipeline.train.progress import progress_line
@@ -226,7 +227,8 @@ class _Run:
     """One worker's training state: what a checkpoint saves and restores.
 
     `placements` holds, per attempt (restarts count them), the Ray node id of every
-    worker by rank: where the run actually trained.
+    worker by rank: where the run actually trained. `taken`: checkpoint folder names
+    already in the run folder, which this attempt's checkpoints must not reuse.
     """
 
     model: torch.nn.Module
@@ -235,10 +237,12 @@ class _Run:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     restarts: int = 0
     placements: list[list[str]] = dataclasses.field(default_factory=list)
+    taken: frozenset[str] = frozenset()
 
 
 def _start_or_resume(cfg: WorkerConfig) -> _Run:
-    """Builds model, optimizer and schedule, restored from Ray Train's checkpoint if any."""
+    """Builds model, optimizer and schedule, restored from Ray Train's checkpoint if any
+    (or, when that one is damaged, from the newest one that loads: `resume_state`)."""
     import ray.train
 
     p = cfg.train
@@ -251,8 +255,8 @@ def _start_or_resume(cfg: WorkerConfig) -> _Run:
     run = _Run(model, opt, sched)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
+        resume = resume_state(checkpoint.path, checkpoint.filesystem)
+        state, run.taken = resume.state, resume.taken
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -321,13 +325,15 @@ def _checkpoint(run: _Run, metrics: dict[str, float], cfg: WorkerConfig) -> None
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
+    name = checkpoint_name(int(metrics["epoch"]), run.taken)
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             save_state(Path(tmp), run, cfg)
+            require_checkpoint_space(Path(tmp), name)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-            checkpoint_dir_name=f"epoch-{int(metrics['epoch']):04d}",
+            checkpoint_dir_name=name,
         )
 
 
