@@ -9,11 +9,13 @@ the whole new one (`publish_dir`), never a part.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import shutil
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -211,3 +213,32 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+@contextlib.contextmanager
+def exit_when_out_of_space() -> Iterator[None]:
+    """For a stage's main: a NoSpaceError, however Ray wrapped it, ends the process with
+    `error: <path>: no space left to write N bytes (M bytes free ...)` on stderr and exit
+    status 1 instead of a traceback from inside a Ray worker."""
+    try:
+        yield
+    except Exception as e:
+        message = _no_space_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _no_space_message(error: BaseException) -> str | None:
+    """The message of the NoSpaceError behind `error`, wherever it was raised: here, in a
+    Ray task (RayTaskError.cause) or in a Ray Train worker (WorkerGroupError.worker_failures,
+    reached through the exceptions' `__cause__`); None when there is none."""
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, NoSpaceError) and e.strerror:
+            return e.strerror
+        todo += [c for c in (e.__cause__, getattr(e, "cause", None)) if isinstance(c, BaseException)]
+        todo += getattr(e, "worker_failures", {}).values()
+    return None

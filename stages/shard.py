@@ -8,7 +8,7 @@ from pipeline.data.cifar import ingest_cifar10
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.shard_writer import warm_workers, write_shards
 from pipeline.preflight import check_storage
-from pipeline.storage import atomic_write_text
+from pipeline.storage import atomic_write_text, exit_when_out_of_space
 
 
 def main() -> None:
@@ -35,4 +35,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_when_out_of_space():
+        main()

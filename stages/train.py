@@ -3,6 +3,7 @@
 import sys
 
 from pipeline.config import load_params_or_exit
+from pipeline.storage import exit_when_out_of_space
 from pipeline.train.divergence import TrainingDiverged
 from pipeline.train.driver import train
 
@@ -24,4 +25,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_when_out_of_space():
+        main()

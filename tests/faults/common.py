@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.data.stats import ColorStats
 
 # Plausible training-set statistics (pixels in [0, 1]), as the stats stage writes them.
@@ -14,3 +16,8 @@ STATS = ColorStats(
     num_images=48,
     num_pixels=307200,
 )
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root, by path relative to it."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

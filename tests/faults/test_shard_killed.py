@@ -23,13 +23,9 @@ import pytest
 from cli.procs import ProcessRecord, spawn, stop_processes
 from pipeline.data.shards import META, ShardMeta, read_shard_table
 from tests.conftest import run_stage, stage_env
+from tests.faults.common import tree_bytes
 
 STAGING = "data/.shards.staging"
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every file under root by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_readable(ws: Path, expected: dict[str, bytes]) -> None:
