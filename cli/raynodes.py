@@ -175,10 +175,29 @@ def start_node(cluster: Cluster, name: str) -> Cluster:
     cluster = with_node(cluster, node)
     netns.create_netns(node.netns, node.veth, cluster.bridge, IPv4Interface(f"{node.ip}/{net.prefixlen}"))
     Path(node.temp_dir).mkdir(parents=True, mode=0o700)
+    return _ray_start(cluster, node)
+
+
+def restart_node(cluster: Cluster, name: str) -> Cluster:
+    """Starts node `name`'s `ray start` again in its namespace, after its processes died
+    (`cli.localcluster.kill_node`): same address, ports, temp dir and token.
+
+    Raises:
+        ValueError: No such node, or its `ray start` still runs.
+    """
+    node = next((n for n in cluster.nodes if n.name == name), None)
+    if node is None or is_running(node.record()):
+        names = [n.name for n in cluster.nodes]
+        raise ValueError(f"node {name!r} is not a stopped node of the cluster (nodes: {names})")
+    return _ray_start(cluster, node)
+
+
+def _ray_start(cluster: Cluster, node: Node) -> Cluster:
+    """Spawns `ray start` for `node` inside its namespace and records its process."""
     ray = Path(sys.executable).parent / "ray"
     argv = ["ip", "netns", "exec", node.netns, str(ray), "start", *ray_start_args(cluster, node)]
     # Its own session: it outlives `up` and the terminal's Ctrl-C.
-    _, record = spawn(name, argv, Path(node.log), ray_env(cluster), cwd=Path(node.temp_dir))
+    _, record = spawn(node.name, argv, Path(node.log), ray_env(cluster), cwd=Path(node.temp_dir))
     return with_node(cluster, replace(node, pid=record.pid, pid_start=record.create_time))
 
 

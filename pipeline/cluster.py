@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+
+# Seconds to wait for the head's GCS port to accept a connection before calling it down.
+HEAD_CONNECT_TIMEOUT_S = 10.0
 
 
 def init_ray() -> None:
@@ -14,8 +18,9 @@ def init_ray() -> None:
     the machine.
 
     Raises:
-        RuntimeError: When Ray made this process the driver of a node whose address is not
-            one of this process's own (see `_require_own_node`).
+        RuntimeError: When nothing answers at RAY_ADDRESS (`_require_head`), or Ray made
+            this process the driver of a node whose address is not one of this process's own
+            (see `_require_own_node`).
     """
     import ray
     from ray.data import DataContext
@@ -23,6 +28,7 @@ def init_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
+            _require_head(address)
             use_token_auth_if_available()
             ray.init(address=address)
             _require_own_node(address)
@@ -75,6 +81,23 @@ def use_token_auth_if_available() -> None:
     )
 
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _require_head(address: str) -> None:
+    """Raises when RAY_ADDRESS is a host:port where no head accepts connections (down, or
+    restarting): `ray.init` would retry for minutes, logging only GCS timeouts. "auto" and
+    ray:// client addresses are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"RAY_ADDRESS={address}: no Ray head answers there ({e}). Start (or restart) the "
+            "cluster's head and rerun: for `make cluster-up`'s cluster, `make cluster-down` then "
+            "`make cluster-up`; or unset RAY_ADDRESS to run on a local Ray instance."
+        ) from e
 
 
 def _require_own_node(address: str) -> None:
