@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.preflight import redact_uri
+
 DEFAULT_STORE = "mlflow.db"
 _log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as e:
         raise RuntimeError(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {e}. "
+            f"MLflow tracking server {redact_uri(uri)} (MLFLOW_TRACKING_URI) is unreachable: {e}. "
             "Start it, or unset MLFLOW_TRACKING_URI to use the local store."
         ) from e
     _check_server_store(uri, timeout_s)
@@ -104,8 +106,8 @@ def _check_server_store(uri: str, timeout_s: float) -> None:
             return
         cause = f"HTTP {reply.status_code}: {' '.join(reply.text.split())[:300]}"
     raise RuntimeError(
-        f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is up but cannot read its backend store: "
-        f"{cause}. Check the server's database (its --backend-store-uri) and the server's log."
+        f"MLflow tracking server {redact_uri(uri)} (MLFLOW_TRACKING_URI) is up but cannot read its backend "
+        f"store: {cause}. Check the server's database (its --backend-store-uri) and the server's log."
     )
 
 
@@ -242,10 +244,10 @@ class EpochLogger:
         self.backfill(history)
         if self.pending:
             raise RuntimeError(
-                f"MLflow tracking server {self.run.tracking_uri} does not answer: the metrics of epochs "
-                f"{sorted(self.pending)} of run {self.run.run_id} could not be logged or checked; training "
-                "is done and checkpointed: rerun the stage when the server is back, it resumes and logs "
-                "what the run lacks"
+                f"MLflow tracking server {redact_uri(self.run.tracking_uri)} does not answer: the metrics "
+                f"of epochs {sorted(self.pending)} of run {self.run.run_id} could not be logged or checked; "
+                "training is done and checkpointed: rerun the stage when the server is back, it resumes "
+                "and logs what the run lacks"
             )
 
     def flush(self) -> bool:
