@@ -36,13 +36,11 @@ class Resume:
 
     Attributes:
         state: The loaded state file (pipeline.train.loop.save_state's dict).
-        folder: The checkpoint folder it came from.
         taken: Checkpoint folder names present in the run folder, which new checkpoints
             must not reuse (`checkpoint_name`).
     """
 
     state: dict[str, Any]
-    folder: str
     taken: frozenset[str]
 
 
@@ -135,7 +133,7 @@ def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
 
         try:
             with ray.train.Checkpoint(path, filesystem).as_directory() as d:
-                return Resume(load_state(d), path, frozenset())
+                return Resume(load_state(d), frozenset())
         except LOAD_ERRORS as e:
             problem = f"{path}/{STATE_FILE}: checkpoint does not load ({e})"
             raise RuntimeError(f"{problem}; delete the run's folder to start over") from e
@@ -143,7 +141,7 @@ def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
     taken = frozenset(p.name for p in checkpoint_dirs(run_dir))
     state, problem = _problem(latest)
     if problem is None:
-        return Resume(state, path, taken)
+        return Resume(state, taken)
     warnings.warn(f"{latest / STATE_FILE}: unreadable checkpoint ({problem})", RuntimeWarning, stacklevel=2)
     found = newest_valid_checkpoint(run_dir, older_than=latest.name)
     if found is None:
@@ -154,7 +152,7 @@ def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
         RuntimeWarning,
         stacklevel=2,
     )
-    return Resume(state, str(folder), taken)
+    return Resume(state, taken)
 
 
 def require_checkpoint_space(state_dir: Path, name: str) -> None:

@@ -77,8 +77,10 @@ def test_no_secret_reaches_files_logs_or_mlflow(
     }
     assert all(len(v) >= 16 for v in needles.values())  # long enough never to occur by chance
 
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for argv in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "tiny profile"]):
+        subprocess.run(argv, cwd=ws, check=True)
     dvc = shutil.which("dvc", path=env["PATH"])
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=ws, env=env, check=True)
     logs = []
     for stage in ("train", "evaluate"):
         argv = [dvc, "repro", "--single-item", stage]
