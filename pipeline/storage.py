@@ -126,7 +126,7 @@ def atomic_write_bytes(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     needed = _nbytes(data)
-    require_space(path.parent, needed)
+    require_space(path, needed)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)  # a leftover of a crashed writer keeps its old mode under O_CREAT
     try:
