@@ -189,6 +189,12 @@ def restart_node(cluster: Cluster, name: str) -> Cluster:
     if node is None or is_running(node.record()):
         names = [n.name for n in cluster.nodes]
         raise ValueError(f"node {name!r} is not a stopped node of the cluster (nodes: {names})")
+    from ray._private.utils import get_ray_address_file
+
+    # The dead session's address: `ray start --head` refuses to start while it names an address
+    # that some GCS process on this machine (another namespace's cluster, too) has on its
+    # command line.
+    Path(get_ray_address_file(node.temp_dir)).unlink(missing_ok=True)
     return _ray_start(cluster, node)
 
 
