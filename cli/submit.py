@@ -46,12 +46,13 @@ def pinned_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
 
 
 def shared_params(params_file: Path, cwd: Path) -> str:
-    """`params_file`'s text with every relative `data` path made absolute against `cwd`."""
+    """`params_file`'s text with every relative `data` path made absolute against `cwd` (URIs,
+    absolute paths and empty values, such as an unset `data.shard_store`, as they are)."""
     params = yaml.safe_load(params_file.read_text())
     data = params.setdefault("data", {})
     for f in dataclasses.fields(DataParams):
         value = data.get(f.name, f.default)
-        if f.name != "format" and "://" not in value and not Path(value).is_absolute():
+        if f.name != "format" and value and "://" not in value and not Path(value).is_absolute():
             data[f.name] = str(cwd / value)
     return yaml.safe_dump(params, sort_keys=False)
 
