@@ -178,7 +178,7 @@ def in_sourced_shell(
 ) -> str:
     """Runs `command` in `cwd` with `sourced`; returns stdout; fails the test on an error."""
     argv, env = sourced(cluster, command), env or stage_env()
-    out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out.stdout
 
