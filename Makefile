@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/archives.py
 	$(PY) benchmarks/peers_write.py
 	$(PY) benchmarks/peers_read.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf data artifacts metrics plots mlflow.db mlruns reports

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import sys
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.cluster import use_token_auth_if_available
-from pipeline.config import load_params
+from pipeline.config import DataParams, load_params
+from pipeline.tracking import DEFAULT_STORE
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -43,8 +45,21 @@ def pinned_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
 
 
-def stage_working_dir(params_file: Path, dest: Path) -> Path:
-    """Copies the code that stages import plus `params_file` (as params.yaml) into `dest`.
+def shared_params(params_file: Path, cwd: Path) -> str:
+    """`params_file`'s text with every relative `data` path made absolute against `cwd` (URIs,
+    absolute paths and empty values, such as an unset `data.shard_store`, as they are)."""
+    params = yaml.safe_load(params_file.read_text())
+    data = params.setdefault("data", {})
+    for f in dataclasses.fields(DataParams):
+        value = data.get(f.name, f.default)
+        if f.name != "format" and value and "://" not in value and not Path(value).is_absolute():
+            data[f.name] = str(cwd / value)
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def stage_working_dir(params_file: Path, dest: Path, shared_cwd: Path | None = None) -> Path:
+    """Copies the code that stages import plus `params_file` (as params.yaml) into `dest`;
+    with `shared_cwd`, its relative data paths made absolute against that folder.
 
     Raises:
         ValueError: When the result would exceed Ray's 100 MiB working-dir cap.
@@ -52,18 +67,24 @@ def stage_working_dir(params_file: Path, dest: Path) -> Path:
     for name in CODE_DIRS:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
-    shutil.copy2(params_file, dest / "params.yaml")
+    if shared_cwd is None:
+        shutil.copy2(params_file, dest / "params.yaml")
+    else:
+        (dest / "params.yaml").write_text(shared_params(params_file, shared_cwd))
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     if size > UPLOAD_LIMIT:
         raise ValueError(f"job working dir is {size / 2**20:.0f} MiB, over Ray's 100 MiB upload cap")
     return dest
 
 
-def runtime_env(working_dir: Path, pip: bool) -> dict[str, Any]:
-    """The job's runtime env: code, dependencies, tracking URI."""
+def runtime_env(working_dir: Path, pip: bool, shared_cwd: Path | None = None) -> dict[str, Any]:
+    """The job's runtime env: code, dependencies, tracking URI (MLFLOW_TRACKING_URI, else with
+    `shared_cwd` the SQLite store there that a stage run in that folder would use)."""
     env: dict[str, Any] = {"working_dir": str(working_dir), "env_vars": {}}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env["env_vars"]["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    elif shared_cwd is not None:
+        env["env_vars"]["MLFLOW_TRACKING_URI"] = f"sqlite:///{shared_cwd / DEFAULT_STORE}"
     if pip:
         env["pip"] = pinned_requirements()
     return env
@@ -122,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-pip", action="store_true", help="the cluster already has the dependencies")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    parser.add_argument(
+        "--shared-cwd",
+        action="store_true",
+        help="this folder is on storage every node sees at the same path (make cluster-up's "
+        "cluster, a repo on NFS): relative data paths and the default SQLite tracking store "
+        "are taken here, not in the job's own copy of the code",
+    )
     args = parser.parse_args(argv)
     if not args.address:
         parser.error("no cluster: set RAY_ADDRESS or pass --address (e.g. http://127.0.0.1:8265)")
@@ -129,17 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     use_token_auth_if_available()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    shared_cwd = Path.cwd() if args.shared_cwd else None
     local = [p for p in (params.data.shards, params.data.checkpoints) if "://" not in p]
     relative = [p for p in local if not Path(p).is_absolute()]
-    if relative:
+    if relative and shared_cwd is None:
         print(
             f"warning: {relative} are relative paths: the job resolves them inside its own "
-            "working dir; use shared storage (absolute NFS paths or URIs) on a cluster",
+            "working dir; use shared storage (absolute NFS paths or URIs) on a cluster, or "
+            "--shared-cwd where this folder is shared",
             file=sys.stderr,
         )
 
     with tempfile.TemporaryDirectory(prefix="alexnet-job-") as tmp:
-        env = runtime_env(stage_working_dir(args.params, Path(tmp)), pip=not args.no_pip)
+        staged = stage_working_dir(args.params, Path(tmp), shared_cwd)
+        env = runtime_env(staged, pip=not args.no_pip, shared_cwd=shared_cwd)
         client = JobSubmissionClient(args.address)
         job_id = submit_when_ready(client, entrypoint(args.stages, commands), env)
     print(f"submitted {job_id} to {args.address}", flush=True)

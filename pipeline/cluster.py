@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Seconds to wait for the head's GCS port to accept a connection before calling it down.
 HEAD_CONNECT_TIMEOUT_S = 10.0
@@ -64,6 +68,25 @@ def cluster_cpus() -> int:
 
     init_ray()
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def spread_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
+    """Scheduling strategies that deal `count` tasks out to the cluster's live nodes in turn,
+    as many per round as a node has CPUs (nodes a and b with 2 CPUs each: a, b, a, b, ...).
+
+    Each is a soft node affinity: a task whose node is gone runs elsewhere (Ray's retry of a
+    task lost with its node included), and a busy node makes its tasks wait rather than
+    spill. Ray's own "SPREAD" and default strategies both let the first node with a free CPU
+    take the tasks, which on a busy machine was the driver's node for every shard task.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = sorted((n["NodeID"], int(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n["Alive"])
+    slots = [node for _, node in sorted((k, node) for node, cpus in alive for k in range(cpus))]
+    if not slots:
+        raise RuntimeError(f"the Ray cluster has no live node with a whole CPU: {alive}")
+    return [NodeAffinitySchedulingStrategy(slots[i % len(slots)], soft=True) for i in range(count)]
 
 
 def use_token_auth_if_available() -> None:

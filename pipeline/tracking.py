@@ -120,11 +120,19 @@ def use_experiment(name: str) -> str:
     """Makes `name` the active MLflow experiment (created if new), tagged as one of model
     training runs so the UI opens on its runs.
 
+    A new experiment in a SQLite store keeps its artifacts in `mlruns` beside the database
+    file. MLflow's default, ./mlruns of the creating process's working directory, is for a
+    Ray job (`cli.submit`) the job's temporary copy of the code, gone with the job.
+
     Returns:
         The experiment id.
     """
     import mlflow
 
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        database = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs/x.db -> /abs/x.db
+        mlflow.create_experiment(name, artifact_location=(database.parent / "mlruns").as_uri())
     experiment = mlflow.set_experiment(name)
     key, kind = EXPERIMENT_KIND
     if experiment.tags.get(key) != kind:

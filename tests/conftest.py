@@ -5,6 +5,7 @@ namespaces, per module."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,22 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     pg = start_postgres("127.0.0.1", tmp_path_factory.mktemp("postgres"))
     yield pg
     remove_all((pg.process,), (pg.data_dir,))
+
+
+def sourced(cluster: Cluster, command: str) -> list[str]:
+    """bash running `command` after `source cluster.env`, as a user would, but without
+    RAY_AUTH_MODE: a stage must not need it."""
+    return ["bash", "-c", f"source {shlex.quote(cluster.env_file)} && unset RAY_AUTH_MODE && {command}"]
+
+
+def in_sourced_shell(
+    cluster: Cluster, command: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> str:
+    """Runs `command` in `cwd` with `sourced`; returns stdout; fails the test on an error."""
+    argv, env = sourced(cluster, command), env or stage_env()
+    out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out.stdout
 
 
 @pytest.fixture(scope="module")

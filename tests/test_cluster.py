@@ -19,6 +19,8 @@ import pytest
 import requests
 import yaml
 
+from cli.submit import shared_params
+from pipeline.config import load_params
 from tests.conftest import stage_env
 
 
@@ -160,3 +162,17 @@ def test_submitted_training_job_tracks_run_and_model(
     assert version.run_id == run.info.run_id
     model = mlflow.pytorch.load_model("models:/alexnet@candidate")
     assert model is not None
+
+
+def test_shared_cwd_makes_the_jobs_relative_data_paths_absolute(tmp_path: Path) -> None:
+    given = {"data": {"shards": "out/shards", "raw": "s3://bucket/raw", "stats": "/nfs/stats.json"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**given, "train": {"lr": 0.02}}))
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(shared_params(params, Path("/nfs/repo")))
+    loaded = load_params(staged)  # still a valid params file
+    data = loaded.data
+    assert loaded.train.lr == 0.02 and data.shards == "/nfs/repo/out/shards"
+    assert (data.raw, data.stats) == ("s3://bucket/raw", "/nfs/stats.json")  # URIs, absolute paths kept
+    assert data.checkpoints == "/nfs/repo/artifacts/checkpoints"  # a default, made absolute too
+    assert data.format == "parquet" and "format" not in yaml.safe_load(staged.read_text())["data"]

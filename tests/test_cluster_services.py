@@ -19,8 +19,7 @@ from cli.localcluster import down, running
 from cli.procs import port_open
 from cli.raynodes import Cluster
 from pipeline.data.shards import ShardMeta
-from tests.conftest import run_stage, write_params
-from tests.test_localcluster import in_sourced_shell
+from tests.conftest import in_sourced_shell, run_stage, write_params
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from cli import netns
 from cli.localcluster import add_worker, down, kill_node, up
 from cli.raynodes import Cluster, load, node_states, wait_for_states
 from pipeline.config import load_params
-from tests.conftest import ROOT, run_stage, stage_env, write_params
+from tests.conftest import ROOT, in_sourced_shell, stage_env, write_params
 
 # A driver as a stage is one: init_ray() with what cluster.env exported. One 1-CPU task per
 # node (a STRICT_SPREAD placement group), each given an object by reference, which the worker
@@ -96,17 +96,6 @@ def running(pid: int, started: float) -> bool:
         return False
 
 
-def in_sourced_shell(cluster: Cluster, command: str, env: dict[str, str] | None = None) -> str:
-    """Runs `command` in bash after `source cluster.env`, as a user would, but without
-    RAY_AUTH_MODE: a stage must not need it. Returns stdout; fails the test on an error."""
-    script = f"source {shlex.quote(cluster.env_file)} && unset RAY_AUTH_MODE && {command}"
-    out = subprocess.run(
-        ["bash", "-c", script], cwd=ROOT, env=env or stage_env(), capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out.stdout
-
-
 def run_driver(cluster: Cluster, script: str = DRIVER) -> dict:
     """Runs `script` with cluster.env's `python`; returns the JSON it printed last."""
     return json.loads(in_sourced_shell(cluster, f"python -c {shlex.quote(script)}").splitlines()[-1])
@@ -136,21 +125,6 @@ def test_gloo_all_reduce_crosses_node_addresses(namespace_cluster: Cluster) -> N
     report = run_driver(namespace_cluster, GLOO)
     assert sorted(report["ips"]) == sorted(n.ip for n in namespace_cluster.nodes)
     assert report["sums"] == [3.0, 3.0]
-
-
-def test_stages_with_relative_paths_shard_and_read_on_the_cluster(
-    namespace_cluster: Cluster, tmp_path: Path
-) -> None:
-    # The tiny profile's paths are relative to the workspace, the drivers' cwd; the tasks run
-    # in their nodes' own temp dirs, as on real hardware.
-    write_params(tmp_path)
-    run_stage(tmp_path, "sample")
-    for stage in ("shard", "stats"):
-        in_sourced_shell(namespace_cluster, f"cd {shlex.quote(str(tmp_path))} && python -m stages.{stage}")
-    metrics = json.loads((tmp_path / "metrics/shard.json").read_text())
-    assert metrics["inputs"] == metrics["sharded"] == {"train": 48, "val": 12}
-    assert (tmp_path / "data/shards/parquet/train/part-00000.parquet").is_file()
-    assert json.loads((tmp_path / "data/stats.json").read_text())["num_images"] == 48
 
 
 def test_driver_outside_the_head_namespace_is_refused(namespace_cluster: Cluster) -> None:

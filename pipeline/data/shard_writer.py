@@ -51,7 +51,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from pipeline.cluster import cluster_cpus
+from pipeline.cluster import cluster_cpus, spread_over_nodes
 from pipeline.config import ShardParams
 from pipeline.data.preprocess import Processed, preprocess_image
 from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
@@ -280,6 +280,7 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
     if max_in_flight is None:
         max_in_flight = 2 * cluster_cpus()
     remote = ray.remote(_write_shard)
+    placement = spread_over_nodes(len(jobs))  # every node its share, by its CPUs
     results: list[dict | None] = [None] * len(jobs)
     pending: dict[ray.ObjectRef, int] = {}
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
@@ -288,7 +289,8 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
         synced = []
         while next_job < len(jobs) or pending:
             while next_job < len(jobs) and len(pending) < max_in_flight:
-                pending[remote.remote(jobs[next_job])] = next_job
+                task = remote.options(scheduling_strategy=placement[next_job])
+                pending[task.remote(jobs[next_job])] = next_job
                 next_job += 1
             [done], _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done)

@@ -47,6 +47,9 @@ def _open_mlflow_run(state: RunState, params: Params) -> str:
         for path in ("params.yaml", data.stats, data.shard_metrics, join(data.shards, QUARANTINE)):
             if Path(path).is_file():
                 mlflow.log_artifact(path, artifact_path="inputs")
+        if Path(data.shard_metrics).is_file():  # the Ray nodes that wrote the shards
+            per_node = json.loads(Path(data.shard_metrics).read_text()).get("shards_per_node", {})
+            mlflow.set_tag("shard_nodes", ",".join(sorted(per_node)))
     state.write({"mlflow_run_id": run.info.run_id, "complete": False})
     return run.info.run_id
 
@@ -173,7 +176,8 @@ def _export(result, cfg: WorkerConfig, meta: ShardMeta, state: RunState, params:
     tracking.EpochLogger(cfg.mlflow).require(history)  # epochs a tracking outage left unlogged
     run_id = cfg.mlflow.run_id
     _refuse_diverged(history, cfg, state)
-    mlflow.set_tag("worker_nodes", ",".join(final["placements"][-1]))
+    mlflow.set_tag("worker_nodes", ",".join(final["placements"][-1]))  # the last attempt's, by rank
+    mlflow.log_dict({"worker_nodes": final["placements"]}, "worker_nodes.json")  # every attempt's
     card = ModelCard(
         arch=cfg.model,
         num_classes=cfg.num_classes,
