@@ -91,7 +91,9 @@ def _services_state(cluster: Cluster) -> Path:
 
 def _start_services(cluster: Cluster) -> dict[str, str]:
     """Starts the services on the bridge address; returns what cluster.env exports for them."""
-    info = start_services(cluster.bridge_ip, Path(cluster.state_dir) / "services")
+    folder = Path(cluster.state_dir) / "services"
+    folder.mkdir(mode=0o700)
+    info = start_services(cluster.bridge_ip, folder)
     save_state(info, _services_state(cluster))
     node_env = raynodes.services_env_file(Path(cluster.state_dir))
     atomic_write_text(node_env, json.dumps(info.s3.env()), mode=0o600)
