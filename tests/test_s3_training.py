@@ -1,30 +1,18 @@
 """Training and evaluation with everything in object storage (a real S3 server, moto's):
 shards in `data.shard_store`, Ray Train's checkpoints and the run state in
 `data.checkpoints` (RunConfig.storage_path); a driver interrupted mid-run resumes from the
-checkpoints on S3, and evaluation reads the val shards from there. Two trainings log to
-one `mlflow server` (PostgreSQL, artifacts on S3) at once, and the registered model loads
-from the artifact store.
+checkpoints on S3, and evaluation reads the val shards from there.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import pyarrow.fs as pafs
-import pytest
-import torch
-import yaml
-from mlflow import MlflowClient
 
-from cli.services import ServicesInfo
-from pipeline.train.model_card import load_model
-from tests.conftest import run_stage, stage_env
+from tests.conftest import run_stage
 from tests.test_training import epoch_steps, start_training, wait_for
 
 CHECKPOINTS = "alexnet/train-checkpoints"
@@ -73,45 +61,3 @@ def test_interrupted_training_resumes_from_checkpoints_on_s3(
 
     run_stage(ws, "evaluate")  # the val shards from S3
     assert json.loads((ws / "metrics/eval.json").read_text())["num_images"] == 12
-
-
-def test_two_trainings_at_once_on_one_tracking_server(
-    services: ServicesInfo, workspace_copy, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The teams' setup: `mlflow server` on PostgreSQL, artifacts proxied to S3. This test is
-    # a client too, with what services.env gives users.
-    for key, value in services.env().items():
-        monkeypatch.setenv(key, value)
-    env = stage_env() | services.env()
-    spaces = [workspace_copy(name, {"train": {"lr": lr}}) for name, lr in (("a", 0.01), ("b", 0.02))]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=ws, env=env, text=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for ws in spaces
-    ]  # fmt: skip
-    for proc in procs:
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-
-    client = MlflowClient(tracking_uri=services.mlflow.uri)
-    runs = client.search_runs([client.get_experiment_by_name("alexnet").experiment_id])
-    assert len(runs) == 2
-    for ws in spaces:
-        run_id = json.loads((ws / "metrics/train.json").read_text())["mlflow_run_id"]
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        lr = yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"]
-        assert run.data.params["train.lr"] == str(lr)
-        assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1_error")) == [1, 2]
-
-    evaluate = subprocess.run(
-        [sys.executable, "-m", "stages.evaluate"], cwd=spaces[1], env=env, capture_output=True, text=True
-    )
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    mlflow.set_tracking_uri(services.mlflow.uri)
-    registered = mlflow.pytorch.load_model("models:/alexnet@candidate")  # from the S3 artifact store
-    local, card = load_model(spaces[1] / "artifacts/model")
-    x = np.random.default_rng(0).normal(size=(2, 3, card.crop, card.crop)).astype(np.float32)  # (2, 3, H, W)
-    x = torch.from_numpy(x)
-    with torch.no_grad():
-        torch.testing.assert_close(registered(x), local(x), rtol=1e-5, atol=1e-5)
