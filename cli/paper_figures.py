@@ -3,8 +3,9 @@ baseline's per-class errors (matplotlib's file-only Agg backend)."""
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING
+
+from pipeline.plots import png_bytes, pyplot
 
 if TYPE_CHECKING:
     from cli.paper_report import RunResult
@@ -16,26 +17,10 @@ TITLES = {
 }
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _pyplot().close(fig)
-    return buf.getvalue()
-
-
 def curves_png(results: list[RunResult], keys: tuple[str, ...]) -> bytes:
     """One panel per metric, every run on it: the same epoch axis in all panels, the same
     error axis (0 to 1) in the error panels, so runs and panels compare at a glance."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), sharex=True)
@@ -52,16 +37,16 @@ def curves_png(results: list[RunResult], keys: tuple[str, ...]) -> bytes:
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig, dpi=90)
 
 
 def per_class_png(per_class: list[dict[str, str]]) -> bytes:
     """The baseline's top-1 error per class (centre crop), worst first."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = sorted(per_class, key=lambda r: -float(r["top1_error_center"]))
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1))
     ax.barh([f"{r['wnid']} {r['name'][:24]}" for r in rows], [float(r["top1_error_center"]) for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("val top-1 error (centre crop)")
     ax.set_xlim(0, 1)
-    return _png(fig)
+    return png_bytes(fig, dpi=90)

@@ -11,8 +11,8 @@ import numpy as np
 from pipeline.storage import atomic_write_bytes
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (stages run headless)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (stages and reports run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,15 +21,17 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """`fig` rendered as PNG bytes; the figure is closed."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
     return buf.getvalue()
 
 
 def plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
     """Row-normalised confusion matrix image (rows: true class, columns: predicted)."""
-    plt = _pyplot()
+    plt = pyplot()
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.4 * len(classes), 20)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -40,13 +42,12 @@ def plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> Non
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("val confusion (row-normalised)")
-    atomic_write_bytes(path, _png(fig))
-    plt.close(fig)
+    atomic_write_bytes(path, png_bytes(fig))
 
 
 def plot_curves(path: Path, history_csv: Path) -> None:
     """Training curves: loss, and train/val top-1/top-5 error per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     with history_csv.open() as f:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
@@ -57,5 +58,4 @@ def plot_curves(path: Path, history_csv: Path) -> None:
         b.plot(epochs, [float(r[key]) for r in rows], label=key)
     a.set_xlabel("epoch"), b.set_xlabel("epoch"), a.legend(), b.legend()
     b.set_ylim(0, 1)
-    atomic_write_bytes(path, _png(fig))
-    plt.close(fig)
+    atomic_write_bytes(path, png_bytes(fig))

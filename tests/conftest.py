@@ -90,8 +90,8 @@ def write_params(workdir: Path, overrides: dict[str, dict] | None = None) -> Pat
     return path
 
 
-def git_project(ws: Path, overrides: dict[str, dict] | None = None) -> Path:
-    """A fresh git + DVC checkout of this project's files in `ws`, with the tiny params."""
+def copy_project(ws: Path) -> Path:
+    """Copies this project's files (tracked, and untracked but not ignored) into `ws`."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -103,6 +103,12 @@ def git_project(ws: Path, overrides: dict[str, dict] | None = None) -> Path:
         if (ROOT / rel).is_file():
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, ws / rel)
+    return ws
+
+
+def git_project(ws: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """A fresh git + DVC checkout of this project's files in `ws`, with the tiny params."""
+    copy_project(ws)
     write_params(ws, overrides)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)

@@ -20,17 +20,7 @@ from mlflow import MlflowClient
 
 from cli.postgres import PostgresServer
 from cli.services import S3Server
-from tests.conftest import ROOT, stage_env, write_params
-
-
-def project_files() -> list[str]:
-    return subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+from tests.conftest import copy_project, stage_env, write_params
 
 
 @pytest.fixture
@@ -54,11 +44,7 @@ def files_holding(root: Path, needles: dict[str, bytes]) -> list[tuple[str, str]
 def test_no_secret_reaches_files_logs_or_mlflow(
     s3_server: S3Server, postgres_server: PostgresServer, tiny_inputs: Path, tmp_path: Path, ray_tmp: Path
 ) -> None:
-    ws = tmp_path / "ws"
-    for rel in project_files():
-        if (ROOT / rel).is_file():
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, ws / rel)
+    ws = copy_project(tmp_path / "ws")
     for rel in ("data", "metrics"):  # the sample, shard and stats outputs
         shutil.copytree(tiny_inputs / rel, ws / rel, dirs_exist_ok=True)
     write_params(ws, {"train": {"epochs": 1}})
