@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipeline.preflight import s3_endpoint
+
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Maps a local path or URI to a pyarrow filesystem and a path inside it.
@@ -169,8 +171,7 @@ def write_file(uri: str, data: bytes | memoryview | list[bytes], *, fsync: bool 
             for piece in data if isinstance(data, list) else [data]:
                 f.write(piece)
     except OSError as e:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "default"
-        raise OSError(f"{uri}: upload failed (endpoint: {endpoint}): {e}") from e
+        raise OSError(f"{uri}: upload failed (endpoint: {s3_endpoint() or 'default'}): {e}") from e
 
 
 def is_remote(uri: str) -> bool:
