@@ -109,9 +109,13 @@ class ServicesInfo:
 
 def base_env() -> dict[str, str]:
     """Our environment without the caller's AWS, MLflow and libpq settings (each service
-    gets exactly the ones meant for it), with MLflow's telemetry off: no traffic leaves."""
+    gets exactly the ones meant for it), with MLflow's telemetry off: no traffic leaves.
+
+    `mlflow server`'s job runner (GenAI scorers), which forks seven consumer processes the
+    pipeline never uses, is off too."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PG"))}
-    return env | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    return env | quiet | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def _provision_s3(endpoint: str, region: str, buckets: tuple[str, ...]) -> tuple[str, str]:
@@ -207,8 +211,6 @@ def start_mlflow(
         "--allowed-hosts", f"{host}:{port}",
     ]  # fmt: skip
     env = base_env() | s3.env() | postgres.env() | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
-    # The job runner (GenAI scorers) forks seven consumer processes the pipeline never uses.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     proc, record = spawn("mlflow", argv, state_dir / "mlflow.log", env)
     try:
         wait_until(lambda: _mlflow_ready(uri), proc, record, START_TIMEOUT_S)

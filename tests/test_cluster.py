@@ -51,7 +51,7 @@ def serving(tool: str, args: list[str], url: str, probe: str) -> Iterator[str]:
     answers. A terminated `--block`ing `ray start` takes its cluster down with it."""
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / tool), *args],
-        env=stage_env(),
+        env=stage_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as cli.services.base_env
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
