@@ -7,12 +7,12 @@ width-0.25 paper AlexNet at 112-px crops, batch 64), run twice:
 - 1 node: each stage starts its own local Ray with this machine's CPUs (as `make run`
   does); one training worker (`train.cpus_per_worker: 1`);
 - 2 nodes: `cli.localcluster`'s cluster (a head and a worker node, each a `ray start` in its
-  own network namespace, `--cpus-per-node` logical CPUs each, 2 as `make cluster-up`: the
-  nodes share the machine's cores); every stage a driver on the head node, as after
-  `source cluster.env`; two training workers spread over the nodes (DDP over gloo across
-  the node addresses), half a CPU each. With one logical CPU per node, each node kept
-  half a CPU beside its worker and Ray Data's read tasks, which take a whole one, never
-  ran: training hung.
+  own network namespace, `--cpus-per-node` logical CPUs each, default half the machine's
+  cores, so that the cluster offers what the single node does: the nodes share the
+  machine's cores); every stage a driver on the head node, as after `source cluster.env`;
+  two training workers spread over the nodes (DDP over gloo across the node addresses),
+  half a CPU each, the other half for the reads that feed them. Each node's threads
+  (torch's, the shard tasks') are sized by the CPUs it offers, as on real nodes.
 
 On one machine both nodes share its cores, so what the comparison measures is the cost of
 the distribution itself (object transfer, gloo between namespaces, scheduling). Rates are
@@ -24,7 +24,7 @@ The run checks that the 2-node runs did use both nodes. Needs root (network name
 The last line is `multinode_efficiency: X`: the lower of the two ratios (2-node images/s
 over 1-node images/s) of the shard stage and of training.
 
-Usage: .venv/bin/python benchmarks/scaling.py [--epochs 3] [--cpus-per-node 2]
+Usage: .venv/bin/python benchmarks/scaling.py [--epochs 3] [--cpus-per-node C]
 """
 
 from __future__ import annotations
@@ -115,12 +115,13 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=3, help="training epochs per run (the first is not timed)")
-    ap.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each cluster node (>= 2)")
+    half = max(1, os.cpu_count() // 2)
+    ap.add_argument("--cpus-per-node", type=int, default=half, help=f"logical CPUs of each node ({half})")
     args = ap.parse_args(argv)
     if args.epochs < 2:
         ap.error("--epochs: expected >= 2 (the first epoch is not timed)")
-    if args.cpus_per_node < 2:
-        ap.error("--cpus-per-node: expected >= 2 (a worker's half CPU and a whole one for Ray Data)")
+    if args.cpus_per_node < 1:
+        ap.error("--cpus-per-node: expected >= 1")
 
     print(f"load avg before: {_load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:

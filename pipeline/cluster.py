@@ -70,6 +70,21 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def node_cpus() -> int:
+    """The CPUs this process's Ray node offers (its `num_cpus`), at most the cores this
+    process may run on; at least 1.
+
+    Threads a worker starts (torch's, the augmentation's) are sized by this rather than by
+    the machine's cores: nodes that share one machine, or a node started with fewer CPUs
+    than its host has, would otherwise each start a thread per core of the host.
+    """
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    offered = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
+    return max(1, min(int(offered), len(os.sched_getaffinity(0))))
+
+
 def spread_over_nodes(count: int) -> list[NodeAffinitySchedulingStrategy]:
     """Scheduling strategies that deal `count` tasks out to the cluster's live nodes in turn,
     as many per round as a node has CPUs (nodes a and b with 2 CPUs each: a, b, a, b, ...).

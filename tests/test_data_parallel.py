@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from models import unwrap
@@ -79,3 +80,21 @@ def test_two_workers_steps_equal_one_workers(ray_local: None, tmp_path: Path) ->
     assert any(not torch.equal(one[k], start[k]) for k in one), "the step changed nothing"
     for k in one:  # each step's gradient is the mean over its images, however they are spread
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resource_check_counts_each_node_and_the_reads(ray_local: None) -> None:
+    """On the 2-CPU local node: two half-CPU workers fit beside their reads; two whole-CPU
+    workers leave nothing to read with; three can never be placed. Each error names the
+    request and the nodes' CPUs."""
+    from pipeline.train.driver import check_resources
+
+    check_resources(TrainParams(num_workers=2, cpus_per_worker=0.5))
+    check_resources(TrainParams(batch_size=96, num_workers=3, cpus_per_worker=0.5))
+    with pytest.raises(
+        ValueError, match=r"cpus_per_worker=1 reserve 2 .* need 0.5 more"
+    ):
+        check_resources(TrainParams(num_workers=2, cpus_per_worker=1.0))
+    with pytest.raises(ValueError, match=r"nodes have 2 CPUs, room for 2 such workers"):
+        check_resources(TrainParams(batch_size=96, num_workers=3, cpus_per_worker=1.0))
+    with pytest.raises(ValueError, match=r"room for 1 such workers"):
+        check_resources(TrainParams(num_workers=2, cpus_per_worker=1.5))

@@ -259,13 +259,14 @@ def warm_workers() -> list[ray.ObjectRef]:
     A worker's first shard task otherwise begins by importing torch, whose resize
     kernel preprocess_image uses: ~1.2 s here, a fixed cost per worker process that the
     shard stage hides behind listing the input tree. One task per cluster CPU, all
-    pending at once, lands on every worker process the shard tasks will use.
+    pending at once and dealt out to the nodes as the shard tasks will be, lands on every
+    worker process the shard tasks will use.
 
     Returns:
         The tasks' refs; `ray.get` them to wait until the workers are ready.
     """
     task = ray.remote(_loaded)
-    return [task.remote() for _ in range(cluster_cpus())]
+    return [task.options(scheduling_strategy=s).remote() for s in spread_over_nodes(cluster_cpus())]
 
 
 def _loaded() -> None:

@@ -294,7 +294,12 @@ def read_shards(
 
 
 def read_shard_files(
-    files: list[str], fmt: str, *, decode: bool = False, digests: Mapping[str, str] | None = None
+    files: list[str],
+    fmt: str,
+    *,
+    decode: bool = False,
+    digests: Mapping[str, str] | None = None,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """Reads shard files as a Ray Dataset, one read task and one block per file, in order.
 
@@ -307,6 +312,7 @@ def read_shard_files(
         decode: Decode the JPEGs.
         digests: SHA-256 by file (`ShardMeta.digests`): a file whose bytes differ fails
             its read task with `CorruptShardError` naming it, before any of its rows exist.
+        num_cpus: CPUs each read task requests from Ray.
 
     Returns:
         Columns key (string), label (int64) and either image ((H, W, 3) uint8 tensor)
@@ -315,7 +321,9 @@ def read_shard_files(
     digests = digests or {}
     items = [{"uri": uri, "sha256": digests.get(uri, "")} for uri in files]
     ds = ray.data.from_items(items, override_num_blocks=len(files))
-    ds = ds.map_batches(_read_files, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(
+        _read_files, fn_kwargs={"fmt": fmt}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
+    )
     return ds.map_batches(_decode_batch, batch_format="numpy") if decode else ds
 
 

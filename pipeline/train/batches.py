@@ -24,6 +24,10 @@ import torch
 from pipeline.data.shards import read_shard_files
 from pipeline.transforms import Augmenter
 
+# CPUs each shard-file read task requests: reading and hashing a file is light beside the
+# workers' decoding, and a node whose workers hold all but half a CPU must still feed them.
+READ_CPUS = 0.5
+
 
 def worker_files(files: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
     """This worker's shard files for one epoch: every world-th of a seeded permutation.
@@ -83,13 +87,14 @@ def shard_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The rows of shard `files`, in stored order, as numpy chunks ({"key", "label", "jpeg"}).
 
-    Read through Ray Data (one task per file) with preserve_order, since the batches
-    `epoch_batches` draws depend on the order; `prefetch` chunks are fetched ahead. Each
+    Read through Ray Data (one task per file, READ_CPUS each) with preserve_order, since
+    the batches `epoch_batches` draws depend on the order; `prefetch` chunks are fetched
+    ahead. Each
     file's SHA-256 is checked against `digests` (`ShardMeta.digests`) before its rows exist.
     """
     if not files:
         return iter(())
-    ds = read_shard_files(files, fmt, digests=digests)
+    ds = read_shard_files(files, fmt, digests=digests, num_cpus=READ_CPUS)
     ds.context.execution_options.preserve_order = True
     return ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch)
 

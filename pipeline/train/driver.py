@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from pipeline.config import Params, TrainParams
 from pipeline.data.shards import QUARANTINE, CorruptShardError, ShardMeta, check_shard_files
 from pipeline.data.stats import ColorStats
 from pipeline.storage import absolute, atomic_write_text, join
+from pipeline.train.batches import READ_CPUS
 from pipeline.train.divergence import TrainingDiverged, check_history
 from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
 from pipeline.train.model_card import ModelCard, build_network, save_model
@@ -81,9 +83,10 @@ def check_runnable(cfg: WorkerConfig) -> None:
 def check_resources(p: TrainParams) -> None:
     """Fails fast when the cluster cannot host the workers and still feed them.
 
-    Each worker must fit on one node, and the workers together must leave at least one
-    CPU of the cluster to the Ray Data tasks that read and decode their shards.
-    Fractional `train.cpus_per_worker` lets several workers share a core.
+    Each worker must fit on one node, all of them on the nodes at once (as whole
+    `train.cpus_per_worker` slices of each node's CPUs), and they must leave READ_CPUS of
+    the cluster to the Ray Data tasks that read their shard files. Fractional
+    `train.cpus_per_worker` lets several workers share a core.
 
     Raises:
         ValueError: Naming train.num_workers, train.cpus_per_worker and what the cluster has.
@@ -91,18 +94,20 @@ def check_resources(p: TrainParams) -> None:
     import ray
 
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    total, reserved = sum(nodes), p.num_workers * p.cpus_per_worker
-    request = f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker}"
-    if not nodes or max(nodes) < p.cpus_per_worker:
+    request = f"train.num_workers={p.num_workers} x train.cpus_per_worker={p.cpus_per_worker:g}"
+    have = f"the Ray cluster's nodes have {', '.join(f'{c:g}' for c in nodes) or 'no'} CPUs"
+    # Workers per node: the float division's rounding must not lose a slice (0.3 x 10 = 3).
+    fits = sum(math.floor(c / p.cpus_per_worker + 1e-9) for c in nodes)
+    if fits < p.num_workers:
         raise ValueError(
-            f"{request}: no node of the Ray cluster has {p.cpus_per_worker} CPUs (largest: "
-            f"{max(nodes, default=0):g}); lower train.cpus_per_worker"
+            f"{request}: {have}, room for {fits} such workers; lower train.cpus_per_worker "
+            "(fractions work: a worker uses all its node's cores anyway) or train.num_workers"
         )
-    if total - reserved < 1:
+    if sum(nodes) - p.num_workers * p.cpus_per_worker < READ_CPUS - 1e-9:
         raise ValueError(
-            f"{request} reserve {reserved:g} of the Ray cluster's {total:g} CPUs; Ray Data needs at least "
-            "one to feed them: lower train.cpus_per_worker (fractions work: a worker uses all its "
-            "node's cores anyway) or train.num_workers"
+            f"{request} reserve {p.num_workers * p.cpus_per_worker:g} of the Ray cluster's {sum(nodes):g} "
+            f"CPUs; the shard reads that feed them need {READ_CPUS:g} more: lower train.cpus_per_worker "
+            "(fractions work) or train.num_workers"
         )
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from models import unwrap
+from pipeline.cluster import node_cpus
 from pipeline.config import DivergenceParams, ModelParams, TrainParams
 from pipeline.data.shards import ShardMeta
 from pipeline.data.stats import ColorStats
@@ -359,9 +359,9 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    # Every core of this node's share, not just the CPUs reserved from Ray: the reservation
+    # Every CPU of this node's share, not just the CPUs reserved from Ray: the reservation
     # must leave CPUs for the Ray Data tasks that feed the workers.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
+    torch.set_num_threads(max(1, node_cpus() // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     run = _start_or_resume(cfg)
     model = ray.train.torch.prepare_model(run.model)
