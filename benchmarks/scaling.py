@@ -18,13 +18,17 @@ On one machine both nodes share its cores, so what the comparison measures is th
 the distribution itself (object transfer, gloo between namespaces, scheduling). Rates are
 the stages' own: the shard stage's `images_per_s` (metrics/shard.json: the shard tasks,
 after listing), training's per-epoch `images_per_s` (plots/train_history.csv: training
-images over the training part of the epoch), averaged over the epochs after the first.
+images over the training part of the epoch). Each is the best of several (the shard stage
+run `--repeats` times, the epochs after the first): other work on a shared machine only
+ever slows a run down, and a synchronous two-worker step waits for the slower worker, so
+a load burst costs the two-node run more than the one-node run; the best of each is the
+closest to what the setup itself delivers.
 The run checks that the 2-node runs did use both nodes. Needs root (network namespaces).
 
 The last line is `multinode_efficiency: X`: the lower of the two ratios (2-node images/s
 over 1-node images/s) of the shard stage and of training.
 
-Usage: .venv/bin/python benchmarks/scaling.py [--epochs 3] [--cpus-per-node C]
+Usage: .venv/bin/python benchmarks/scaling.py [--epochs 4] [--repeats 2] [--cpus-per-node C]
 """
 
 from __future__ import annotations
@@ -84,23 +88,26 @@ def shard_rate(ws: Path, nodes: int) -> float:
 
 
 def train_rate(ws: Path, nodes: int) -> float:
-    """Training images/s averaged over the epochs after the first; checks that the workers
-    ran on `nodes` nodes."""
+    """Training images/s of the fastest epoch after the first; checks that the workers ran
+    on `nodes` nodes."""
     placements = json.loads((ws / "metrics/train.json").read_text())["worker_nodes"]
     if len(placements) != 1 or len(set(placements[0])) != nodes:
         sys.exit(f"the training workers ran on {placements}, expected {nodes} nodes in one attempt")
     with open(ws / "plots/train_history.csv") as f:
         rates = [float(row["images_per_s"]) for row in csv.DictReader(f)][1:]
-    return sum(rates) / len(rates)
+    return max(rates)
 
 
-def measure(ws: Path, epochs: int, cluster: Cluster | None) -> tuple[float, float]:
-    """Shard stage and training images/s on one local node (`cluster` None) or on `cluster`."""
+def measure(ws: Path, epochs: int, repeats: int, cluster: Cluster | None) -> tuple[float, float]:
+    """Shard stage (best of `repeats` runs) and training images/s on one local node
+    (`cluster` None) or on `cluster`."""
     nodes = 1 if cluster is None else len(cluster.nodes)
     write_params(ws, epochs, workers=nodes)
-    seconds = stage(ws, "shard", cluster)
-    shard = shard_rate(ws, nodes)
-    print(f"{nodes} node(s): shard stage {shard:.1f} images/s ({seconds:.1f} s with start-up)", flush=True)
+    shard = 0.0
+    for _ in range(repeats):
+        seconds = stage(ws, "shard", cluster)
+        shard = max(shard, rate := shard_rate(ws, nodes))
+        print(f"{nodes} node(s): shard stage {rate:.1f} images/s ({seconds:.1f} s with start-up)", flush=True)
     stage(ws, "stats", cluster)
     seconds = stage(ws, "train", cluster)
     train = train_rate(ws, nodes)
@@ -114,7 +121,8 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=3, help="training epochs per run (the first is not timed)")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs per run (the first is not timed)")
+    ap.add_argument("--repeats", type=int, default=2, help="shard stage runs per setup")
     half = max(1, os.cpu_count() // 2)
     ap.add_argument("--cpus-per-node", type=int, default=half, help=f"logical CPUs of each node ({half})")
     args = ap.parse_args(argv)
@@ -132,11 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         stage(one, "sample", None)
         (two / "data").mkdir()
         (two / "data/sample").symlink_to(one / "data/sample")
-        single = measure(one, args.epochs, None)
+        single = measure(one, args.epochs, args.repeats, None)
         print(f"load avg: {_load()}", flush=True)
         cpus = args.cpus_per_node
         with running(where / "state", where / "cluster.env", workers=1, cpus_per_node=cpus) as cluster:
-            double = measure(two, args.epochs, cluster)
+            double = measure(two, args.epochs, args.repeats, cluster)
     print(f"load avg after: {_load()}", flush=True)
     shard_eff, train_eff = double[0] / single[0], double[1] / single[1]
     print(f"shard stage 2 nodes / 1 node: {shard_eff:.3f}")

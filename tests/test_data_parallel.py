@@ -12,7 +12,7 @@ import torch
 from models import unwrap
 from pipeline.config import ModelParams, TrainParams
 from pipeline.train.batches import step_totals
-from pipeline.train.loop import train_epoch
+from pipeline.train.loop import prepare_ddp, train_epoch
 from pipeline.train.model_card import build_network
 
 MODEL = ModelParams(width=0.125, dropout=0.0, init="kaiming")  # no dropout: steps are deterministic
@@ -30,7 +30,6 @@ TOTALS = step_totals([12], RECIPE.batch_size)  # [8, 4], whatever the number of 
 def two_steps(config: dict) -> None:
     """Ray Train worker: this worker's part of two steps on fixed images."""
     import ray.train
-    import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -39,7 +38,7 @@ def two_steps(config: dict) -> None:
     y = torch.randint(0, 3, (12,), generator=g)
     batches = [(x[a:b], y[a:b]) for a, b in PLANS[world][rank]]
     torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(build_network(MODEL, 3))
+    model = prepare_ddp(build_network(MODEL, 3))
     opt = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=0.9, weight_decay=5e-4)
     sums = train_epoch(model, opt, batches, TOTALS, RECIPE, torch.device("cpu"))
     counted = sums.all_reduced(torch.device("cpu")).images
@@ -90,9 +89,7 @@ def test_resource_check_counts_each_node_and_the_reads(ray_local: None) -> None:
 
     check_resources(TrainParams(num_workers=2, cpus_per_worker=0.5))
     check_resources(TrainParams(batch_size=96, num_workers=3, cpus_per_worker=0.5))
-    with pytest.raises(
-        ValueError, match=r"cpus_per_worker=1 reserve 2 .* need 0.5 more"
-    ):
+    with pytest.raises(ValueError, match=r"cpus_per_worker=1 reserve 2 .* need 0.5 more"):
         check_resources(TrainParams(num_workers=2, cpus_per_worker=1.0))
     with pytest.raises(ValueError, match=r"nodes have 2 CPUs, room for 2 such workers"):
         check_resources(TrainParams(batch_size=96, num_workers=3, cpus_per_worker=1.0))

@@ -337,6 +337,17 @@ def _checkpoint(run: _Run, metrics: dict[str, float], cfg: WorkerConfig) -> None
         )
 
 
+def prepare_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The worker's model on its device, wrapped in DDP when there are several workers.
+
+    The gradients live in DDP's all-reduce buckets (`gradient_as_bucket_view`): no copy
+    into and out of the buckets per step, the same values.
+    """
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+
+
 def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     """The Ray Train worker function.
 
@@ -364,7 +375,7 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     torch.set_num_threads(max(1, node_cpus() // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     run = _start_or_resume(cfg)
-    model = ray.train.torch.prepare_model(run.model)
+    model = prepare_ddp(run.model)
     if cfg.train.compile:
         model = torch.compile(model)
     augment = _make_augment(cfg, device)
