@@ -7,6 +7,8 @@ import base64
 import html
 from typing import Any
 
+from pipeline.eval_report import TOP_K
+
 NOISE = (
     "Deltas are in points of val top-1 error (switch minus baseline; positive: switching the "
     "feature off hurts, as the paper says) with a 95% interval from the val-set size "
@@ -45,8 +47,9 @@ def _tables(page: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]],
                   "epochs", "MLflow run"], runs, run_links),
         ("Baseline: most frequent confusions", ["true class", "predicted", "val images"], pairs,
          [None] * len(pairs)),
-        ("Baseline: per-class error", ["wnid", "name", "val images", "top-1 (centre)", "top-1 (10-crop)"],
-         per_class, [None] * len(per_class)),
+        (f"Baseline: per-class error, worst first (at most {TOP_K} classes)",
+         ["wnid", "name", "val images", "top-1 (centre)", "top-1 (10-crop)"], per_class,
+         [None] * len(per_class)),
     ]  # fmt: skip
 
 

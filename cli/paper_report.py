@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cli.paper import EXPERIMENT, Ablation, exp_name
 from cli.paper_render import render_html, render_markdown
+from pipeline.eval_report import TOP_K
 from pipeline.storage import atomic_write_bytes
 
 UI = "http://127.0.0.1:5000"  # `make ui`
@@ -183,6 +184,8 @@ def write_report(set_id: str, ablations: list[Ablation], out: Path) -> tuple[Pat
     experiment_id, results = collect(set_id, ablations)
     base = results[0]
     per_class = _read_csv(base.run_id, "evaluation/per_class_error.csv") if base.run_id else []
+    # The worst TOP_K classes: a table and a chart of 1,000 rows read as nothing.
+    per_class = sorted(per_class, key=lambda r: (-float(r["top1_error_center"]), int(r["label"])))[:TOP_K]
     confusion = _read_csv(base.run_id, "evaluation/confusion.csv") if base.run_id else []
     pairs = [c for c in confusion if c["true_label"] != c["pred_label"]][:10]
     images = {"curves": curves_png(results, CURVES)}

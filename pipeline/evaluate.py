@@ -7,9 +7,8 @@ driver only streams back top-5 indices, (B, 5) per crop mode, and counts.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,13 @@ from pipeline.cluster import init_ray
 from pipeline.config import Params
 from pipeline.data.preprocess import decode_jpeg
 from pipeline.data.shards import ShardMeta, read_shards
+from pipeline.eval_report import (
+    ClassNames,
+    write_confused_pairs,
+    write_confusion,
+    write_per_class,
+    write_worst_classes,
+)
 from pipeline.plots import plot_confusion, plot_curves
 from pipeline.scoring import hits, top_classes
 from pipeline.storage import atomic_write_text
@@ -88,9 +94,24 @@ def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int)
         compute=ray.data.ActorPoolStrategy(size=1),
     )
     modes = list(MODES if ten_crop else MODES[:1])
+    return count(preds.iter_batches(batch_size=None, batch_format="numpy"), num_classes, modes)
+
+
+def count(batches: Iterable[dict[str, np.ndarray]], num_classes: int, modes: list[str]) -> Scores:
+    """Adds up prediction batches as they stream in: memory is the (C, C) counts, whatever
+    the number of images.
+
+    Args:
+        batches: Each with "label" (B,) and, per mode, "top_<mode>" (B, k) class indices.
+        num_classes: C.
+        modes: The crop modes in the batches; the last one is the confusion matrix's.
+
+    Raises:
+        ValueError: No images.
+    """
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     per_class = np.zeros((num_classes, 1 + 2 * len(modes)), dtype=np.int64)  # n, misses per mode
-    for batch in preds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         labels = batch["label"].astype(np.int64)
         np.add.at(per_class[:, 0], labels, 1)
         for i, mode in enumerate(modes):
@@ -110,32 +131,26 @@ def score(ds, model_dir: str, ten_crop: bool, batch_size: int, num_classes: int)
     return Scores(metrics, confusion, per_class, modes)
 
 
-def write_per_class(
-    path: Path, per_class: np.ndarray, modes: list[str], classes: list[str], names: list[str]
-) -> None:
-    """Per-class error CSV: wnid, name, images, then top-1/top-5 error per crop mode."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    cols = [f"{k}_error_{m}" for m in modes for k in ("top1", "top5")]
-    writer.writerow(["label", "wnid", "name", "images", *cols])
-    for c, row in enumerate(per_class):
-        n = max(int(row[0]), 1)
-        writer.writerow([c, classes[c], names[c], int(row[0]), *[f"{v / n:.4f}" for v in row[1:]]])
-    atomic_write_text(path, buf.getvalue())
+REPORTS = (  # what write_reports writes into data.plots, all logged to MLflow
+    "per_class_error.csv", "worst_classes.csv", "confused_pairs.csv", "confusion.csv", "confusion.png",
+    "curves.png",
+)  # fmt: skip
 
 
-def write_confusion(path: Path, confusion: np.ndarray, classes: list[str], names: list[str]) -> None:
-    """The confusion matrix's non-zero cells as CSV, most frequent first: true and predicted
-    class (label, wnid, name) and the count of val images (the paper report's confusion pairs)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        ["true_label", "true_wnid", "true_name", "pred_label", "pred_wnid", "pred_name", "images"]
-    )
-    cells = sorted(zip(*np.nonzero(confusion), strict=True), key=lambda tc: (-confusion[tc], tc))
-    for t, c in cells:
-        writer.writerow([t, classes[t], names[t], c, classes[c], names[c], int(confusion[t, c])])
-    atomic_write_text(path, buf.getvalue())
+def write_reports(plots: Path, result: Scores, classes: ClassNames) -> list[Path]:
+    """Writes REPORTS into `plots` (where the train stage wrote train_history.csv).
+
+    Returns:
+        Their paths, in REPORTS' order.
+    """
+    files = {name: plots / name for name in REPORTS}
+    write_per_class(files["per_class_error.csv"], result.per_class, result.modes, classes)
+    write_worst_classes(files["worst_classes.csv"], result.per_class, result.modes, classes)
+    write_confused_pairs(files["confused_pairs.csv"], result.confusion, classes)
+    write_confusion(files["confusion.csv"], result.confusion, classes)
+    plot_confusion(files["confusion.png"], result.confusion, classes)
+    plot_curves(files["curves.png"], plots / "train_history.csv")
+    return list(files.values())
 
 
 def log_to_mlflow(
@@ -191,13 +206,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     init_ray()
     ds = read_shards(data.shards, "val", fmt=data.format, decode=False)
     result = score(ds, data.model, ev.ten_crop, ev.batch_size, card.num_classes)
-    plots = Path(data.plots)
-    names = ("per_class_error.csv", "confusion.png", "curves.png", "confusion.csv")
-    files = [plots / name for name in names]
-    write_per_class(files[0], result.per_class, result.modes, card.classes, meta.names)
-    plot_confusion(files[1], result.confusion, card.classes)
-    plot_curves(files[2], plots / "train_history.csv")
-    write_confusion(files[3], result.confusion, card.classes, meta.names)
+    files = write_reports(Path(data.plots), result, ClassNames(card.classes, meta.names))
     metrics = result.metrics
     registry = log_to_mlflow(card.mlflow_run_id, model, card, metrics, files, params.mlflow.registered_model)
     out = {**metrics, "model_version": registry["version"], "champion": registry["champion"]}

@@ -12,7 +12,8 @@ import torch
 from pipeline.config import load_params
 from pipeline.data.shards import read_shards
 from pipeline.data.stats import ColorStats
-from pipeline.evaluate import average_crops, score, write_confusion, write_per_class
+from pipeline.eval_report import ClassNames, write_confusion, write_per_class
+from pipeline.evaluate import average_crops, score
 from pipeline.train.model_card import ModelCard, build_network, save_model
 
 
@@ -73,7 +74,8 @@ def test_scores_are_the_hand_counts(
         [per_label[c], int(c != 1) * per_label[c], 0, int(c != 1) * per_label[c], 0] for c in range(3)
     ]
 
-    write_per_class(tmp_path / "pc.csv", result.per_class, result.modes, ["a", "b", "c"], ["A", "B", "C"])
+    names = ClassNames(["a", "b", "c"], ["A", "B", "C"])
+    write_per_class(tmp_path / "pc.csv", result.per_class, result.modes, names)
     with open(tmp_path / "pc.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == [
@@ -85,7 +87,7 @@ def test_scores_are_the_hand_counts(
     ]  # fmt: skip
 
     confusion = np.array([[1, 4, 0], [0, 2, 0], [3, 0, 0]])
-    write_confusion(tmp_path / "cm.csv", confusion, ["a", "b", "c"], ["A", "B", "C"])
+    write_confusion(tmp_path / "cm.csv", confusion, names)
     with open(tmp_path / "cm.csv") as f:
         cells = [(r["true_wnid"], r["pred_name"], r["images"]) for r in csv.DictReader(f)]
     assert cells == [("a", "B", "4"), ("c", "A", "3"), ("b", "B", "2"), ("a", "A", "1")]
