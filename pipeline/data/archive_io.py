@@ -38,7 +38,7 @@ LOCAL_FETCH = 1024
 REMOTE_FETCH = 4 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArchiveFile:
     """An archive file as it was when indexed.
 
@@ -54,7 +54,7 @@ class ArchiveFile:
     mtime_ns: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ZipCoding:
     """How a zip entry's bytes are stored.
 
@@ -69,7 +69,7 @@ class ZipCoding:
     file_size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     """Where one input's bytes lie inside an archive.
 

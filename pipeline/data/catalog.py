@@ -20,7 +20,7 @@ from pipeline.data.records import Catalog, QuarantineRow, Record
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Found:
     """An image a layout holds.
 

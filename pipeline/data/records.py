@@ -15,7 +15,7 @@ SPLITS = ("train", "val")
 QuarantineRow = tuple[str, str, str]  # (split, path, reason): a row of quarantine.csv
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One input image.
 
@@ -51,7 +51,7 @@ def read_record(rec: Record) -> bytes:
     return read_bytes(rec.path) if rec.location is None else read_member(rec.location)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Catalog:
     """The output of ingestion.
 

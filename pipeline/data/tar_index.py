@@ -23,7 +23,7 @@ from pipeline.data.archive_io import RangeReader
 _BLOCK = tarfile.BLOCKSIZE  # 512 bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TarMember:
     """One member of a tar.
 
@@ -41,7 +41,7 @@ class TarMember:
     problem: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TarListing:
     """A tar's members in stored order, and why the walk stopped early (None: it did not)."""
 

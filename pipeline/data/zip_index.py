@@ -32,7 +32,7 @@ _CHUNK = 16 << 20  # central directory bytes per read
 _UNIX = 3  # "version made by" high byte of entries written on Unix (mode bits in external_attr)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ZipEntry:
     """One central directory entry.
 
