@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def report() -> str:
             ("val top-1 error (10-crop)", f"{ev['top1_error_10crop']:.2%}"),
             ("val top-5 error (10-crop)", f"{ev['top5_error_10crop']:.2%}"),
         ]
+    rows += _worst(Path(data.plots))
     rows += [
         ("val images", str(ev["num_images"])),
         ("epochs trained", str(tr["epochs_run"])),
@@ -33,6 +35,26 @@ def report() -> str:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("\nOpen the MLflow UI with `make ui`, then http://127.0.0.1:5000")
     return "\n".join(lines)
+
+
+def _worst(plots: Path) -> list[tuple[str, str]]:
+    """The worst class and the most-confused pair (the first rows of the evaluate stage's
+    bounded tables), so the table says the same at 10 classes and at 1,000."""
+    rows = []
+    with (plots / "worst_classes.csv").open() as f:
+        worst = next(csv.DictReader(f), None)
+    if worst is not None:
+        rows.append(
+            (
+                f"worst class ({worst['crop']})",
+                f"{worst['class']}: top-1 error {float(worst['top1_error']):.2%}",
+            )
+        )
+    with (plots / "confused_pairs.csv").open() as f:
+        pair = next(csv.DictReader(f), None)
+    if pair is not None:
+        rows.append(("most confused", f"{pair['pair']}: {pair['images']} val images"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.report import report
 from pipeline.data.sample import load_synsets
 from pipeline.eval_report import TOP_K, ClassNames
 from pipeline.evaluate import MODES, count, write_reports
@@ -152,3 +154,19 @@ def test_dvc_plots_show_renders_bounded_charts(
     assert [r["pair"] for r in rows["plots/confused_pairs.csv"][:2]] == PAIR_LABELS
     images = {name for name, plot in shown.items() if plot[0]["type"] == "image"}
     assert images == {"plots/confusion.png", "plots/curves.png"}
+
+
+def test_make_run_table_names_the_worst_class_and_pair(
+    reports: tuple[Path, dict, ClassNames], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plots, metrics, _ = reports
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    shutil.copytree(plots, tmp_path / "plots")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(json.dumps({**metrics, "model_version": 1}))
+    train = {"epochs_run": 1, "images_per_s": 100.0, "mlflow_run_id": "r"}
+    (tmp_path / "metrics/train.json").write_text(json.dumps(train))
+    monkeypatch.chdir(tmp_path)
+    rows = dict(re.split(r"  +", line, maxsplit=1) for line in report().split("\n\n")[0].splitlines())
+    assert rows["worst class (10crop)"] == "tench (n01440764): top-1 error 80.00%"
+    assert rows["most confused"] == f"{PAIR_LABELS[0]}: 8 val images"
