@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/peers_write.py
 	$(PY) benchmarks/peers_read.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf data artifacts metrics plots mlflow.db mlruns reports
