@@ -22,10 +22,12 @@ and workers not included) with its ratio, and the fixed and per-image parts that
 sizes give (time = fixed + per_image x images). From those, the time the same stages
 would take on ImageNet's 1,281,167 + 50,000 images here, with the sample-profile network.
 
-The last two lines are `scale_memory_ratio: X` (the largest per-stage 5N/N ratio of
-driver peak RSS) and `scale_time_per_image_ratio: X` (all stages' wall time per image,
-5N over N; at most 1.0 when every stage is linear, since fixed start-up costs spread
-over more images).
+Ingestion alone is the index and little else, so its driver's growth from N to 5N gives
+the index's bytes per image. The last two lines are `scale_memory_ratio: X` (the largest
+5N/N ratio of driver peak RSS among the stages `dvc repro` runs: shard, stats, train,
+evaluate) and `scale_time_per_image_ratio: X` (those stages' wall time per image, 5N over
+N; at most 1.0 when every stage is linear, since fixed start-up costs spread over more
+images).
 
 Usage: .venv/bin/python benchmarks/scale.py [--n 20000] [--workdir DIR]
 """
@@ -62,6 +64,7 @@ FACTOR = 5
 WIDTH, HEIGHT = 192, 144  # each stored image; the stages resize it to shard.size
 BASE = (WIDTH + 64, HEIGHT + 48)  # the class picture the images are cut from
 STAGES = ("ingest", "shard", "stats", "train", "evaluate")
+PIPELINE = STAGES[1:]  # what dvc repro runs: the shard stage ingests first
 # The driver process: runs argv[2] (Python source), then writes its own peak RSS (KiB)
 # to argv[1], also when the stage exits with an error.
 DRIVER = """
@@ -228,9 +231,8 @@ def project(fits: dict[str, tuple[float, float]]) -> None:
     for stage in STAGES:
         fixed, per_image = fits[stage]
         print(f"  {stage:<9} {(max(fixed, 0) + per_image * REAL[stage]) / 3600:6.2f} h")
-    pipeline = [s for s in STAGES if s != "ingest"]  # the shard stage ingests first
-    fixed = sum(max(fits[s][0], 0) for s in pipeline)
-    variable = sum(fits[s][1] * REAL[s] for s in pipeline)
+    fixed = sum(max(fits[s][0], 0) for s in PIPELINE)
+    variable = sum(fits[s][1] * REAL[s] for s in PIPELINE)
     more = ", ".join(
         f"{cores + k} cores {(fixed + variable * cores / (cores + k)) / 3600:.2f} h" for k in (2, 4, 6)
     )
@@ -251,11 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         large = measure(Path(tmp, "large"), FACTOR * args.n)
     print(f"load avg after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     project(report(small, large))
-    pipeline = [s for s in STAGES if s != "ingest"]
-    per_image = [sum(r[s].seconds for s in pipeline) / r["shard"].images for r in (small, large)]
-    time_ratio = per_image[1] / per_image[0]
-    print(f"scale_memory_ratio: {max(large[s].rss_mib / small[s].rss_mib for s in STAGES):.3f}")
-    print(f"scale_time_per_image_ratio: {time_ratio:.3f}")
+    a, b = small["ingest"], large["ingest"]
+    index = (b.rss_mib - a.rss_mib) * 2**20 / (b.images - a.images)
+    print(f"the index (ingestion's driver, growth with N): {index:.0f} bytes per image")
+    per_image = [sum(r[s].seconds for s in PIPELINE) / r["shard"].images for r in (small, large)]
+    print(f"scale_memory_ratio: {max(large[s].rss_mib / small[s].rss_mib for s in PIPELINE):.3f}")
+    print(f"scale_time_per_image_ratio: {per_image[1] / per_image[0]:.3f}")
 
 
 if __name__ == "__main__":
