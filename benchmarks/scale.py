@@ -223,16 +223,22 @@ def report(small: dict[str, Run], large: dict[str, Run]) -> dict[str, tuple[floa
     return fits
 
 
-def project(fits: dict[str, tuple[float, float]]) -> None:
-    """Prints the time of each stage on ImageNet from its fixed and per-image parts, on this
-    machine's cores and, the per-image parts divided among them, on 2 to 8 more."""
+def project(fits: dict[str, tuple[float, float]], large: dict[str, Run]) -> None:
+    """Prints the time of each stage on ImageNet: its fixed part plus its per-image part
+    times ImageNet's images (where load made the per-image part come out <= 0, 5N's time
+    per image instead), and as an upper bound 5N's time per image times ImageNet's images
+    (5N's time still carries the fixed part); then the pipeline on this machine's cores
+    and, the per-image parts divided among them, on 2, 4 and 6 more."""
     cores = os.cpu_count() or 1
     print(f"\nImageNet (1,281,167 train + 50,000 val), these stages, sample-profile network, {cores} cores:")
+    parts = {}
     for stage in STAGES:
         fixed, per_image = fits[stage]
-        print(f"  {stage:<9} {(max(fixed, 0) + per_image * REAL[stage]) / 3600:6.2f} h")
-    fixed = sum(max(fits[s][0], 0) for s in PIPELINE)
-    variable = sum(fits[s][1] * REAL[s] for s in PIPELINE)
+        bound = large[stage].seconds / large[stage].images * REAL[stage]
+        parts[stage] = (max(fixed, 0), per_image * REAL[stage]) if per_image > 0 else (0.0, bound)
+        print(f"  {stage:<9} {sum(parts[stage]) / 3600:6.2f} h   (upper bound {bound / 3600:.2f} h)")
+    fixed = sum(parts[s][0] for s in PIPELINE)
+    variable = sum(parts[s][1] for s in PIPELINE)
     more = ", ".join(
         f"{cores + k} cores {(fixed + variable * cores / (cores + k)) / 3600:.2f} h" for k in (2, 4, 6)
     )
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         small = measure(Path(tmp, "small"), args.n)
         large = measure(Path(tmp, "large"), FACTOR * args.n)
     print(f"load avg after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    project(report(small, large))
+    project(report(small, large), large)
     a, b = small["ingest"], large["ingest"]
     index = (b.rss_mib - a.rss_mib) * 2**20 / (b.images - a.images)
     print(f"the index (ingestion's driver, growth with N): {index:.0f} bytes per image")
