@@ -58,6 +58,8 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
         "plots/confusion.png",
         "plots/curves.png",
         "plots/per_class_error.csv",
+        "plots/worst_classes.csv",
+        "plots/confused_pairs.csv",
         "plots/train_history.csv",
     ):
         assert (ws / path).is_file(), path
@@ -84,7 +86,7 @@ def test_repro_then_noop_then_experiment(project: Path) -> None:
     assert "top1_error_10crop" in show and "0.02" in show
     assert "top1_error" in dvc(ws, "metrics", "diff", "HEAD")
     plots = dvc(ws, "plots", "show", "--json")
-    assert "train_history.csv" in plots and "confusion.png" in plots
+    assert all(name in plots for name in ("train_history.csv", "worst_classes.csv", "confusion.png"))
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["alexnet"], order_by=["start_time ASC"])
