@@ -40,7 +40,7 @@ test: $(STAMP) system-deps
 
 ## The MLflow UI over the local store, on 127.0.0.1 only.
 ui: $(STAMP)
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 ## A real multi-node Ray cluster on this machine (root): a head and WORKERS worker nodes, each
 ## `ray start` in its own network namespace; writes cluster.env. See cli/localcluster.py.
