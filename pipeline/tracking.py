@@ -120,6 +120,13 @@ def use_experiment(name: str) -> str:
     """Makes `name` the active MLflow experiment (created if new), tagged as one of model
     training runs so the UI opens on its runs.
 
+    Safe when several trainings start at once on one tracking server: the experiment is
+    created with its tag in one request, and the process whose create loses the race
+    (RESOURCE_ALREADY_EXISTS) uses the winner's. Not `mlflow.set_experiment(name)`: on that
+    race it returns the experiment without making it active, so the losing process's run
+    went to the Default experiment (id 0); nor a separate tag request, which two processes
+    sent at once and PostgreSQL refused one of (duplicate key).
+
     A new experiment in a SQLite store keeps its artifacts in `mlruns` beside the database
     file. MLflow's default, ./mlruns of the creating process's working directory, is for a
     Ray job (`cli.submit`) the job's temporary copy of the code, gone with the job.
@@ -129,15 +136,43 @@ def use_experiment(name: str) -> str:
     """
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        database = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs/x.db -> /abs/x.db
-        mlflow.create_experiment(name, artifact_location=(database.parent / "mlruns").as_uri())
-    experiment = mlflow.set_experiment(name)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name) or _create_experiment(client, name)
     key, kind = EXPERIMENT_KIND
-    if experiment.tags.get(key) != kind:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
+    if experiment.tags.get(key) != kind:  # made by an older version or by hand
+        _tag_experiment(client, experiment.experiment_id)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
+
+
+def _create_experiment(client: Any, name: str) -> Any:
+    """Creates experiment `name` with EXPERIMENT_KIND, or finds the one a concurrent
+    process created first; returns it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri, location = mlflow.get_tracking_uri(), None
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()  # sqlite:////abs/x.db -> /abs/x.db
+        location = (database.parent / "mlruns").as_uri()
+    try:
+        client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(name)
+
+
+def _tag_experiment(client: Any, experiment_id: str) -> None:
+    """Sets EXPERIMENT_KIND on an experiment; a concurrent process setting it first is fine."""
+    from mlflow.exceptions import MlflowException
+
+    key, kind = EXPERIMENT_KIND
+    try:
+        client.set_experiment_tag(experiment_id, key, kind)
+    except MlflowException:
+        if client.get_experiment(experiment_id).tags.get(key) != kind:
+            raise
 
 
 def git_tags(repo: str | Path = ".") -> dict[str, str]:

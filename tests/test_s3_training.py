@@ -1,18 +1,23 @@
 """Training and evaluation with everything in object storage (a real S3 server, moto's):
 shards in `data.shard_store`, Ray Train's checkpoints and the run state in
 `data.checkpoints` (RunConfig.storage_path); a driver interrupted mid-run resumes from the
-checkpoints on S3, and evaluation reads the val shards from there.
+checkpoints on S3, and evaluation reads the val shards from there. Trainings log to one
+`mlflow server` (PostgreSQL, artifacts on S3) at once, each into its own complete run.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from mlflow import MlflowClient
 
-from tests.conftest import run_stage
+from cli.services import ServicesInfo
+from tests.conftest import ROOT, run_stage, stage_env
 from tests.test_training import epoch_steps, start_training, wait_for
 
 CHECKPOINTS = "alexnet/train-checkpoints"
@@ -61,3 +66,66 @@ def test_interrupted_training_resumes_from_checkpoints_on_s3(
 
     run_stage(ws, "evaluate")  # the val shards from S3
     assert json.loads((ws / "metrics/eval.json").read_text())["num_images"] == 12
+
+
+# Connects, says "ready", waits for the go line on stdin, then opens a run in the experiment.
+OPEN_RUN = """
+import sys, mlflow
+from pipeline import tracking
+tracking.connect()
+print("ready", flush=True)
+sys.stdin.readline()
+with mlflow.start_run(experiment_id=tracking.use_experiment(sys.argv[1])) as run:
+    pass
+print(run.info.experiment_id)  # last: MLflow prints the run's address when it ends
+"""
+
+
+def test_processes_creating_one_experiment_at_once_share_it(services: ServicesInfo) -> None:
+    # The first training on a fresh server creates the experiment: released together, these
+    # processes race to create it (and its tag) on PostgreSQL; every run must land in it.
+    env = stage_env() | services.env() | {"PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", OPEN_RUN, "shared"], env=env, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()[1][-3000:]
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-3000:] for _, err in results]
+    experiment = MlflowClient(services.mlflow.uri).get_experiment_by_name("shared")
+    assert {out.strip().splitlines()[-1] for out, _ in results} == {experiment.experiment_id}
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_two_pipelines_at_once_on_one_tracking_server(services: ServicesInfo, workspace_copy) -> None:
+    # The teams' setup: `mlflow server` on PostgreSQL, artifacts proxied to S3; two trainings
+    # and their evaluations (which register the model) at once.
+    env = stage_env() | services.env()
+    lrs = (0.01, 0.02)
+    spaces = [workspace_copy(f"lr{lr}", {"train": {"lr": lr}}) for lr in lrs]
+    both = f"{sys.executable} -m stages.train && {sys.executable} -m stages.evaluate"
+    procs = [
+        subprocess.Popen(["bash", "-c", both], cwd=ws, env=env, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for ws in spaces
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+
+    client = MlflowClient(tracking_uri=services.mlflow.uri)
+    run_ids = [json.loads((ws / "metrics/train.json").read_text())["mlflow_run_id"] for ws in spaces]
+    runs = client.search_runs([client.get_experiment_by_name("alexnet").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(run_ids) and len(set(run_ids)) == 2
+    for ws, run_id, lr in zip(spaces, run_ids, lrs, strict=True):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["train.lr"] == str(lr)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1_error")) == [1, 2]
+        assert "eval_top1_error_10crop" in run.data.metrics
+        [version] = client.search_model_versions(f"name = 'alexnet' and run_id = '{run_id}'")
+        assert json.loads((ws / "metrics/eval.json").read_text())["model_version"] == int(version.version)

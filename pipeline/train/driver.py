@@ -39,8 +39,8 @@ def _open_mlflow_run(state: RunState, params: Params) -> str:
         return saved["mlflow_run_id"]
     state.reset()
     data = params.data
-    tracking.use_experiment(params.mlflow.experiment)
-    with mlflow.start_run(run_name=state.name) as run:
+    experiment_id = tracking.use_experiment(params.mlflow.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=state.name) as run:
         mlflow.log_params(params.flat())
         mlflow.set_tags(tracking.run_tags())
         digest = tracking.dvc_out_hashes("shard").get(data.shards, "")
