@@ -57,6 +57,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# The data paths dvc.yaml declares as outputs (written by the stages, cached by DVC).
+DVC_OUTPUTS = tuple("sample shards stats model train_metrics eval_metrics shard_metrics plots".split())
+
+
 @dataclass(frozen=True)
 class DataParams(_Section):
     """Where every file of the pipeline lives (paths are defined here and nowhere else).
@@ -85,6 +89,13 @@ class DataParams(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in DVC_OUTPUTS:
+            if "://" in (value := getattr(self, name)):
+                raise ParamsError(
+                    f"data.{name}={value!r}: expected a local path: it is a DVC output and DVC 3 has no "
+                    "external outputs; data.raw, data.shard_store and data.checkpoints may be URIs, "
+                    "and the model reaches S3 through MLflow's artifact store (--artifacts-destination)"
+                )
         # Stages replace their outputs whole (storage.publish_dir): shards written over the
         # raw tree, or one output inside another, would delete data. raw == sample is the
         # default (the shard stage reads the sample stage's output).

@@ -63,6 +63,7 @@ def test_defaults_are_the_papers_recipe() -> None:
         ({"sample": {"num_classes": 1}}, r"sample\.num_classes=1: expected int with 2 <= value <= 1000"),
         ({"data": {"format": "csv"}}, r"data\.format='csv': expected one of 'parquet', 'webdataset'"),
         ({"data": {"raw": ""}}, r"data\.raw='': expected str"),
+        ({"data": {"model": "s3://b/model"}}, r"data\.model='s3://b/model': expected a local path"),
         ({"train": [1, 2]}, r"train: expected a mapping"),
         ({"trian": {"lr": 0.1}}, r"unknown section 'trian'"),
     ],
