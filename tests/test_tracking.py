@@ -1,4 +1,5 @@
-"""MLflow tracking helpers: fail-fast on an unreachable server, code and data version tags."""
+"""MLflow tracking helpers: fail-fast on an unreachable server, code and data version tags, the
+experiment (created once, artifacts of a SQLite store beside it)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import pytest
 import yaml
 
-from pipeline.tracking import dvc_out_hashes, git_tags
+from pipeline.tracking import dvc_out_hashes, git_tags, use_experiment
 from tests.conftest import stage_env
 
 
@@ -65,3 +68,23 @@ def test_dvc_out_hashes_read_the_lock_file(tmp_path: Path) -> None:
     )
     assert dvc_out_hashes("shard", lock) == {"data/shards": "0123456789abcdef0123456789abcdef.dir"}
     assert dvc_out_hashes("train", lock) == {}
+
+
+def test_new_experiment_in_a_sqlite_store_keeps_artifacts_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The active experiment is this process's state (and MLFLOW_EXPERIMENT_ID): restored after.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    # Created from another folder, as a Ray job does in its own copy of the code.
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = use_experiment("beside")
+    assert use_experiment("beside") == experiment_id  # found, not created again
+    experiment = mlflow.get_experiment(experiment_id)
+    assert experiment.artifact_location == (tmp_path / "mlruns").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    with mlflow.start_run() as run:  # the active experiment
+        pass
+    assert run.info.experiment_id == experiment_id
