@@ -200,3 +200,20 @@ def namespace_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clus
     where = tmp_path_factory.mktemp("localcluster")
     with running(where / "state", where / "cluster.env") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def services_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """`namespace_cluster` with `make cluster-up`'s services (`up --services`): moto's S3
+    server, PostgreSQL and an `mlflow server` on the cluster's bridge address, their settings
+    in cluster.env and the S3 ones in every node's Ray processes."""
+    where = tmp_path_factory.mktemp("servicescluster")
+    with running(where / "state", where / "cluster.env", services=True) as cluster:
+        yield cluster
+
+
+def exported(cluster: Cluster) -> dict[str, str]:
+    """The variables cluster.env exports, as a shell sourcing it would see them."""
+    lines = Path(cluster.env_file).read_text().splitlines()
+    pairs = (line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    return {k: shlex.split(v)[0] if v else "" for k, v in pairs}
