@@ -1,8 +1,9 @@
 """Training and evaluation with everything in object storage (a real S3 server, moto's):
 shards in `data.shard_store`, Ray Train's checkpoints and the run state in
 `data.checkpoints` (RunConfig.storage_path); a driver interrupted mid-run resumes from the
-checkpoints on S3, and evaluation reads the val shards from there. Trainings log to one
-`mlflow server` (PostgreSQL, artifacts on S3) at once, each into its own complete run.
+checkpoints on S3, past a damaged latest one, and evaluation reads the val shards from
+there. Trainings log to one `mlflow server` (PostgreSQL, artifacts on S3) at once, each
+into its own complete run.
 """
 
 from __future__ import annotations
@@ -23,46 +24,59 @@ from tests.test_training import epoch_steps, start_training, wait_for
 CHECKPOINTS = "alexnet/train-checkpoints"
 
 
-def registered(fs: pafs.S3FileSystem) -> int:
-    """Checkpoints Ray Train's controller has recorded on S3 (see test_training.registered)."""
+def snapshot(fs: pafs.S3FileSystem) -> dict:
+    """Ray Train's controller's record of the run's checkpoints on S3 ({} before the first):
+    what a restart resumes from (see test_training.registered)."""
     infos = fs.get_file_info(pafs.FileSelector(CHECKPOINTS, recursive=True, allow_not_found=True))
     for info in infos:
         if info.base_name == "checkpoint_manager_snapshot.json":
             try:
                 with fs.open_input_file(info.path) as f:
-                    return len(json.loads(f.read())["checkpoint_results"])
-            except (OSError, ValueError, KeyError):  # replaced meanwhile
-                return 0
-    return 0
+                    return json.loads(f.read())
+            except (OSError, ValueError):  # replaced meanwhile
+                return {}
+    return {}
 
 
-def test_interrupted_training_resumes_from_checkpoints_on_s3(
+def test_interrupted_training_resumes_on_s3_past_a_damaged_latest_checkpoint(
     s3_env: pafs.S3FileSystem, workspace_copy
 ) -> None:
     ws: Path = workspace_copy(
         "s3",
         {
             "data": {"shard_store": "s3://alexnet/train-shards", "checkpoints": f"s3://{CHECKPOINTS}"},
-            "train": {"epochs": 4},
+            "train": {"epochs": 5},
         },
     )
     run_stage(ws, "shard")  # the shards move to S3; stats are unchanged (same bytes)
     proc = start_training(ws)
-    wait_for(lambda: registered(s3_env) >= 1, proc, "a checkpoint registered on S3")
+    wait_for(lambda: len(snapshot(s3_env).get("checkpoint_results", [])) >= 2, proc, "two checkpoints on S3")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (ws / "artifacts/model/model.pt").exists()
+    [run] = [
+        i.path
+        for i in s3_env.get_file_info(pafs.FileSelector(CHECKPOINTS))
+        if i.type == pafs.FileType.Directory
+    ]
+    latest = snapshot(s3_env)["latest_checkpoint_result"]["checkpoint_dir_name"]  # what a resume loads
+    epoch = int(latest.removeprefix("epoch-"))
+    with s3_env.open_input_file(f"{run}/{latest}/state.pt") as f:
+        head = f.read(4096)
+    with s3_env.open_output_stream(f"{run}/{latest}/state.pt") as f:
+        f.write(head)  # an upload cut short
 
-    run_stage(ws, "train")
+    out = run_stage(ws, "train")
+    log = out.stdout + out.stderr
+    assert f"s3://{run}/{latest}/state.pt: unreadable checkpoint (" in log
+    before = f"s3://{run}/epoch-{epoch - 1:04d} (epoch {epoch - 1})"
+    assert f"resuming from {before} instead of the damaged s3://{run}/{latest}" in log
     summary = json.loads((ws / "metrics/train.json").read_text())
-    assert summary["epochs_run"] == 4 and summary["restarts"] == 1  # resumed, not restarted
-    assert epoch_steps(ws) == [1, 2, 3, 4]
+    assert summary["epochs_run"] == 5 and summary["restarts"] == 1  # resumed, not restarted
+    assert epoch_steps(ws) == [1, 2, 3, 4, 5]
     assert not (ws / "artifacts/checkpoints").exists()  # nothing of the run on local disk
-    listing = s3_env.get_file_info(pafs.FileSelector(CHECKPOINTS))
-    runs = {i.path for i in listing if i.type == pafs.FileType.Directory}
-    assert len(runs) == 1
-    epochs = s3_env.get_file_info(pafs.FileSelector(runs.pop()))
-    assert {"pipeline_run.json", "epoch-0004"} <= {i.base_name for i in epochs}
+    names = {i.base_name for i in s3_env.get_file_info(pafs.FileSelector(run))}
+    assert "pipeline_run.json" in names and any(n.startswith("epoch-0005") for n in names)
 
     run_stage(ws, "evaluate")  # the val shards from S3
     assert json.loads((ws / "metrics/eval.json").read_text())["num_images"] == 12

@@ -4,7 +4,8 @@ Ray Train writes each epoch's checkpoint to `<storage_path>/<run name>/epoch-NNN
 (`checkpoint_name`), and resumes from the newest one it registered. A disk that filled up,
 a node lost while its file was copied to shared storage, or a truncated upload can leave
 that newest `state.pt` unreadable; `resume_state` then goes on from the newest older one
-that loads instead of failing on every restart. An epoch trained again after such a
+that loads instead of failing on every restart, on a local or shared disk and on an object
+store (read through its pyarrow filesystem) alike. An epoch trained again after such a
 fallback is saved as `epoch-NNNN-rK`: Ray Train still keeps the damaged `epoch-NNNN`, and
 two registered checkpoints sharing a folder would have Ray delete the good one with the
 bad.
@@ -60,18 +61,30 @@ def checkpoint_name(epoch: int, taken: Collection[str]) -> str:
     return name
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoint folders, newest (highest epoch, then retry) first."""
-    found = [p for p in Path(run_dir).iterdir() if CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir()]
+def checkpoint_dirs(run_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> list[Path]:
+    """The run's checkpoint folders on `filesystem` (default: local), newest (highest epoch,
+    then retry) first; paths in `filesystem`'s form (`bucket/key` on an object store)."""
+    fs = filesystem or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(str(run_dir), allow_not_found=True))
+    found = [
+        Path(i.path)
+        for i in infos
+        if i.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(i.base_name)
+    ]
     return sorted(found, key=lambda p: _order(p.name), reverse=True)
 
 
-def _problem(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _shown(path: Path, fs: pafs.FileSystem) -> str:
+    """`path` as users name it: a local path, or a URI on an object store (s3://bucket/key)."""
+    return str(path) if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
+def _problem(folder: Path, fs: pafs.FileSystem) -> tuple[dict[str, Any] | None, str | None]:
     """(the folder's state, None) when it loads and holds its epoch, else (None, why not)."""
     from pipeline.train.loop import load_state  # loop.py imports this module
 
     try:
-        state = load_state(folder)
+        state = load_state(folder, fs)
     except LOAD_ERRORS as e:
         return None, f"{type(e).__name__}: {e}"
     if isinstance(state, dict) and state.get("epoch") == _order(folder.name)[0]:
@@ -80,7 +93,7 @@ def _problem(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def newest_valid_checkpoint(
-    run_dir: str | Path, older_than: str | None = None
+    run_dir: str | Path, older_than: str | None = None, filesystem: pafs.FileSystem | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint folder of a run whose state file loads (tensors only) and
     holds the epoch its name says, with that state.
@@ -91,22 +104,22 @@ def newest_valid_checkpoint(
     Args:
         run_dir: The Ray Train run's folder, `<data.checkpoints>/<run name>`.
         older_than: Only folders older than this checkpoint folder name.
+        filesystem: Where `run_dir` is (default: local); an object store's paths are `bucket/key`.
 
     Returns:
         (folder, state), or None when the run has no loadable checkpoint (or no folder yet).
     """
     from pipeline.train.loop import STATE_FILE
 
-    if not Path(run_dir).is_dir():
-        return None
-    for folder in checkpoint_dirs(run_dir):
+    fs = filesystem or pafs.LocalFileSystem()
+    for folder in checkpoint_dirs(run_dir, fs):
         if older_than is not None and _order(folder.name) >= _order(older_than):
             continue
-        state, problem = _problem(folder)
+        state, problem = _problem(folder, fs)
         if problem is None:
             return folder, state
         warnings.warn(
-            f"{folder / STATE_FILE}: unreadable checkpoint ({problem}); trying the one before it",
+            f"{_shown(folder / STATE_FILE, fs)}: unreadable checkpoint ({problem}); trying the one before it",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -115,40 +128,35 @@ def newest_valid_checkpoint(
 
 def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
     """The state a restarted worker resumes from: Ray Train's latest checkpoint when it
-    loads, else (local or mounted storage) the newest older one that does, with a
-    RuntimeWarning naming the damaged file and the folder used instead.
+    loads, else the newest older one that does, with a RuntimeWarning naming the damaged
+    file and the folder used instead; on local storage and on object stores alike.
 
     Args:
         path: Ray Train's latest checkpoint folder (`Checkpoint.path`).
         filesystem: Its filesystem (`Checkpoint.filesystem`).
 
     Raises:
-        RuntimeError: No checkpoint of the run loads (naming the run folder), or the latest
-            does not load and the storage is remote (naming the checkpoint).
+        RuntimeError: No checkpoint of the run loads (naming the run folder).
     """
-    from pipeline.train.loop import STATE_FILE, load_state
+    from pipeline.train.loop import STATE_FILE
 
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        import ray.train
-
-        try:
-            with ray.train.Checkpoint(path, filesystem).as_directory() as d:
-                return Resume(load_state(d), frozenset())
-        except LOAD_ERRORS as e:
-            problem = f"{path}/{STATE_FILE}: checkpoint does not load ({e})"
-            raise RuntimeError(f"{problem}; delete the run's folder to start over") from e
-    latest, run_dir = Path(path), Path(path).parent
-    taken = frozenset(p.name for p in checkpoint_dirs(run_dir))
-    state, problem = _problem(latest)
+    latest = Path(path)
+    run_dir = latest.parent
+    taken = frozenset(p.name for p in checkpoint_dirs(run_dir, filesystem))
+    state, problem = _problem(latest, filesystem)
     if problem is None:
         return Resume(state, taken)
-    warnings.warn(f"{latest / STATE_FILE}: unreadable checkpoint ({problem})", RuntimeWarning, stacklevel=2)
-    found = newest_valid_checkpoint(run_dir, older_than=latest.name)
+    shown = _shown(latest / STATE_FILE, filesystem)
+    warnings.warn(f"{shown}: unreadable checkpoint ({problem})", RuntimeWarning, stacklevel=2)
+    found = newest_valid_checkpoint(run_dir, older_than=latest.name, filesystem=filesystem)
     if found is None:
-        raise RuntimeError(f"{run_dir}: no checkpoint of this run loads; delete the folder to start over")
+        raise RuntimeError(
+            f"{_shown(run_dir, filesystem)}: no checkpoint of this run loads; delete the folder to start over"
+        )
     folder, state = found
     warnings.warn(
-        f"resuming from {folder} (epoch {state['epoch']}) instead of the damaged {latest}",
+        f"resuming from {_shown(folder, filesystem)} (epoch {state['epoch']}) instead of the damaged "
+        f"{_shown(latest, filesystem)}",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -20,6 +20,7 @@ it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import tempfile
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
@@ -217,9 +219,11 @@ def save_state(path: Path, run: _Run, cfg: WorkerConfig) -> None:
     )
 
 
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Reads a training checkpoint (tensors and plain data only: weights_only=True)."""
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+def load_state(checkpoint_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    """Reads a training checkpoint (tensors and plain data only: weights_only=True) from a
+    local folder or, with `filesystem`, a folder of that filesystem (an object store's)."""
+    with (filesystem or pafs.LocalFileSystem()).open_input_file(f"{checkpoint_dir}/{STATE_FILE}") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 @dataclass
