@@ -19,9 +19,10 @@ from cli.paper import ABLATIONS
 from pipeline.config import SECTIONS, parse_section
 from pipeline.data.shards import ShardMeta
 from pipeline.data.stats import ColorStats
+from pipeline.train.checkpoints import load_state
 from pipeline.train.divergence import check_history
 from pipeline.train.driver import fit
-from pipeline.train.loop import WorkerConfig, load_state
+from pipeline.train.loop import WorkerConfig
 from tests.conftest import ROOT, run_stage, write_params
 
 CLASSES = 3

@@ -13,6 +13,7 @@ bad.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import torch
 
 from pipeline.storage import require_space
 
+STATE_FILE = "state.pt"  # in every checkpoint folder: weights, optimizer, schedule, history
 CHECKPOINT_DIR = re.compile(r"epoch-(\d+)(?:-r(\d+))?")
 # What torch.load raises on a truncated, empty or overwritten file, or a missing one.
 LOAD_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
@@ -79,10 +82,15 @@ def _shown(path: Path, fs: pafs.FileSystem) -> str:
     return str(path) if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
+def load_state(checkpoint_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    """Reads a training checkpoint (tensors and plain data only: weights_only=True) from a
+    local folder or, with `filesystem`, a folder of that filesystem (an object store's)."""
+    with (filesystem or pafs.LocalFileSystem()).open_input_file(f"{checkpoint_dir}/{STATE_FILE}") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
 def _problem(folder: Path, fs: pafs.FileSystem) -> tuple[dict[str, Any] | None, str | None]:
     """(the folder's state, None) when it loads and holds its epoch, else (None, why not)."""
-    from pipeline.train.loop import load_state  # loop.py imports this module
-
     try:
         state = load_state(folder, fs)
     except LOAD_ERRORS as e:
@@ -109,8 +117,6 @@ def newest_valid_checkpoint(
     Returns:
         (folder, state), or None when the run has no loadable checkpoint (or no folder yet).
     """
-    from pipeline.train.loop import STATE_FILE
-
     fs = filesystem or pafs.LocalFileSystem()
     for folder in checkpoint_dirs(run_dir, fs):
         if older_than is not None and _order(folder.name) >= _order(older_than):
@@ -138,8 +144,6 @@ def resume_state(path: str, filesystem: pafs.FileSystem) -> Resume:
     Raises:
         RuntimeError: No checkpoint of the run loads (naming the run folder).
     """
-    from pipeline.train.loop import STATE_FILE
-
     latest = Path(path)
     run_dir = latest.parent
     taken = frozenset(p.name for p in checkpoint_dirs(run_dir, filesystem))

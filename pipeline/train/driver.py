@@ -24,8 +24,9 @@ from pipeline.data.shards import QUARANTINE, CorruptShardError, ShardMeta, check
 from pipeline.data.stats import ColorStats
 from pipeline.storage import absolute, atomic_write_text, join
 from pipeline.train.batches import READ_CPUS
+from pipeline.train.checkpoints import load_state
 from pipeline.train.divergence import TrainingDiverged, check_history
-from pipeline.train.loop import WorkerConfig, load_state, train_loop_per_worker
+from pipeline.train.loop import WorkerConfig, train_loop_per_worker
 from pipeline.train.model_card import ModelCard, build_network, save_model
 from pipeline.train.runstate import RunState, run_key
 

@@ -20,7 +20,6 @@ it, scale lr linearly: lr = 0.01 * batch_size / 128 (Goyal et al. 2017).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import tempfile
 import time
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
@@ -49,14 +47,13 @@ from pipeline.train.batches import (
     torch_seed,
     worker_files,
 )
-from pipeline.train.checkpoints import checkpoint_name, require_checkpoint_space, resume_state
+from pipeline.train.checkpoints import STATE_FILE, checkpoint_name, require_checkpoint_space, resume_state
 from pipeline.train.divergence import check_history
 from pipeline.train.model_card import build_network
 from pipeline.train.progress import progress_line
 from pipeline.train.schedules import make_schedule
 from pipeline.transforms import Augmenter, GpuTrainAugment, TrainAugment, eval_batch
 
-STATE_FILE = "state.pt"
 _log = logging.getLogger(__name__)
 
 
@@ -217,13 +214,6 @@ def save_state(path: Path, run: _Run, cfg: WorkerConfig) -> None:
         },
         path / STATE_FILE,
     )
-
-
-def load_state(checkpoint_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
-    """Reads a training checkpoint (tensors and plain data only: weights_only=True) from a
-    local folder or, with `filesystem`, a folder of that filesystem (an object store's)."""
-    with (filesystem or pafs.LocalFileSystem()).open_input_file(f"{checkpoint_dir}/{STATE_FILE}") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 @dataclass

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoints import checkpoint_dirs, checkpoint_name, newest_valid_checkpoint
-from pipeline.train.loop import STATE_FILE, load_state
+from pipeline.train.checkpoints import (
+    STATE_FILE,
+    checkpoint_dirs,
+    checkpoint_name,
+    load_state,
+    newest_valid_checkpoint,
+)
 from pipeline.train.runstate import STATE_NAME
 from tests.conftest import run_stage, write_params
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.loop import load_state
+from pipeline.train.checkpoints import load_state
 from tests.conftest import run_stage, stage_env
 from tests.faults.common import tree_bytes
 

@@ -20,7 +20,7 @@ from cli.procs import free_port, spawn, stop_processes, wait_until
 from models import load_checkpoint
 from pipeline.config import ModelParams
 from pipeline.data.cifar import CIFAR_DIR, ingest_cifar10
-from pipeline.train.loop import STATE_FILE, load_state
+from pipeline.train.checkpoints import STATE_FILE, load_state
 from pipeline.train.model_card import WEIGHTS, ModelCard, build_network, load_model, save_model
 from tests.conftest import ROOT, stage_env
 from tests.faults.common import STATS
