@@ -126,8 +126,9 @@ class SampleParams(_Section):
     train_per_class: int = field(default=300, metadata=_range(2, MAX_TRAIN_PER_CLASS))
     val_per_class: int = field(default=50, metadata=_range(1, MAX_VAL_PER_CLASS))
     seed: int = field(default=0, metadata=_range(0))
-    # tree: train/ and val/ folders; archives: the official tars; kaggle_zip: Kaggle's zip
-    layout: Literal["tree", "archives", "kaggle_zip"] = "tree"
+    # tree: train/ and val/ folders; archives: the official tars; kaggle_zip: Kaggle's zip;
+    # cifar10: 32-px images in CIFAR-10's python batches (the paper's Figure 1 without CIFAR-10)
+    layout: Literal["tree", "archives", "kaggle_zip", "cifar10"] = "tree"
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,18 @@ class Params:
             raise ParamsError(
                 f"data.format={self.data.format!r}: expected a format the shard stage writes "
                 f"(shard.format={self.shard.format!r})"
+            )
+        self._check_sample_source()
+
+    def _check_sample_source(self) -> None:
+        """The shard stage must read the generated sample in the format it was written in."""
+        if posixpath.normpath(self.data.raw) != posixpath.normpath(self.data.sample):
+            return
+        expected = "cifar10" if self.sample.layout == "cifar10" else "imagenet"
+        if self.shard.source != expected:
+            raise ParamsError(
+                f"shard.source={self.shard.source!r}: expected {expected!r} for sample.layout="
+                f"{self.sample.layout!r} (data.raw is the generated sample, data.sample)"
             )
 
     def flat(self) -> dict[str, Any]:

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from pipeline.config import ParamsError, SampleParams, parse_section
+from pipeline.config import ParamsError, SampleParams, load_params, parse_section
 from pipeline.data import ilsvrc, sample
+from pipeline.data.cifar import CIFAR_DIR, ingest_cifar10
 from pipeline.data.sample import design_name, generate_sample, load_synsets, select_classes
 from pipeline.data.sample_render import render
 from pipeline.data.sample_shapes import DESIGNS
+from tests.conftest import ROOT
 
 TINY = SampleParams(num_classes=3, train_per_class=6, val_per_class=2)
 SMALL = SampleParams(num_classes=2, train_per_class=2, val_per_class=1)
@@ -273,3 +276,42 @@ def test_params_file_allows_exactly_the_generators_range(name: str, low: int, hi
     for value in (low - 1, high + 1):
         with pytest.raises(ParamsError, match=rf"^sample\.{name}={value}: "):
             parse_section("sample", {name: value}, SampleParams)
+
+
+def test_cifar_layout_is_what_the_cifar_reader_reads(tmp_path: Path) -> None:
+    """sample.layout cifar10: CIFAR-10's python batches, read by the shard stage's own reader,
+    every class in every split, each image its class's design (not a blank or a copy)."""
+    params = dataclasses.replace(TINY, layout="cifar10", train_per_class=10)
+    summary = generate_sample(tmp_path / "a", params)
+    names = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    assert summary["files"] == sorted(f"{CIFAR_DIR}/{n}" for n in names)
+    assert sorted(p.name for p in (tmp_path / "a" / CIFAR_DIR).iterdir()) == sorted(names)
+    catalog = ingest_cifar10(str(tmp_path / "a"))
+    assert (
+        catalog.classes
+        == summary["classes"]
+        == ["disc-solid-plain", "disc-outline-plain", "square-solid-plain"]
+    )
+    train = [r for r in catalog.records if r.split == "train"]
+    val = [r for r in catalog.records if r.split == "val"]
+    assert Counter(r.label for r in train) == {0: 10, 1: 10, 2: 10}
+    assert Counter(r.label for r in val) == {0: 2, 1: 2, 2: 2}
+    assert len({r.path.split("#")[0] for r in train}) == 5, "the train images are dealt over five batches"
+    assert [r.label for r in train] != sorted(r.label for r in train), "classes mixed within the batches"
+    pixels = np.stack([r.pixels for r in train])
+    assert pixels.shape == (30, 32, 32, 3) and pixels.dtype == np.uint8
+    assert pixels.std(axis=(1, 2, 3)).min() > 10 and len({p.tobytes() for p in pixels}) == 30
+    # A solid disc's centre differs from its outline's: the average image per class tells them apart.
+    means = [pixels[[r.label == k for r in train]].mean(0) for k in range(3)]
+    assert min(np.abs(means[a] - means[b]).mean() for a, b in ((0, 1), (0, 2), (1, 2))) > 2
+    generate_sample(tmp_path / "b", params)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_cifar_layout_needs_the_cifar_source(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sample"]["layout"] = "cifar10"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    expected = r"^shard\.source='imagenet': expected 'cifar10' for sample\.layout='cifar10'"
+    with pytest.raises(ParamsError, match=expected):
+        load_params(tmp_path / "params.yaml")

@@ -34,6 +34,8 @@ is used, so the same parameters give byte-identical files.
 ``sample.layout`` other than ``tree`` packs the tree into the archives people download
 instead (:mod:`pipeline.data.sample_archives`): the official tars and devkit
 (``archives``) or Kaggle's zip (``kaggle_zip``); ``out_dir`` then holds only those.
+``cifar10`` writes the same designs as 32-px images in CIFAR-10's own files instead
+(:mod:`pipeline.data.sample_cifar`), for the paper's Figure 1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from PIL import Image
 
 from pipeline.data.ilsvrc import NUM_SYNSETS
 from pipeline.data.sample_archives import pack_sample
+from pipeline.data.sample_cifar import label_names, write_cifar_sample
 from pipeline.data.sample_render import Box, render
 from pipeline.data.sample_shapes import DESIGNS, Design
 from pipeline.storage import publish_dir
@@ -293,13 +296,14 @@ def generate_sample(out_dir: Path | str, params: SampleParams) -> dict:
         params: The ``sample`` section: ``num_classes`` (2 to 1000, picked evenly from
             the 1000 synsets), ``train_per_class`` (2 to 1300), ``val_per_class`` (1 to
             50), ``seed`` (any integer >= 0; equal params give byte-identical files)
-            and ``layout`` (tree, archives or kaggle_zip).
+            and ``layout`` (tree, archives, kaggle_zip or cifar10).
 
     Returns:
         A summary: ``root``, ``layout``, ``files`` (the names in ``root``), ``seed``,
         ``num_classes``, ``train_images``, ``val_images``, ``classes`` (wnids, class
-        index order), ``designs`` (what each class shows) and ``quirks`` (PNG and CMYK
-        file paths as in the tree, greyscale and progressive counts).
+        index order; for cifar10 the label names), ``designs`` (what each class shows)
+        and ``quirks`` (PNG and CMYK file paths as in the tree, greyscale and
+        progressive counts).
 
     """
     num_classes, seed = params.num_classes, params.seed
@@ -313,16 +317,12 @@ def generate_sample(out_dir: Path | str, params: SampleParams) -> dict:
     tmp.mkdir()
     tally = _Tally()
     try:
-        (tmp / MAPPING_FILE).write_text("".join(f"{w} {n}\n" for w, n in classes), encoding="utf-8")
-        _write_train(tmp, seed, wnids, train_per_class, tally)
-        _write_val(tmp, seed, wnids, val_per_class, tally)
-        if params.layout == "tree":
-            files = sorted(p.name for p in tmp.iterdir())
+        if params.layout == "cifar10":
+            files = write_cifar_sample(tmp, params)
             publish_dir(tmp, out_dir)
+            wnids = label_names(num_classes)
         else:
-            files = pack_sample(tmp, packed, params.layout, seed)
-            shutil.rmtree(tmp)
-            publish_dir(packed, out_dir)
+            files = _write_ilsvrc(tmp, packed, out_dir, params, classes, tally)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(packed, ignore_errors=True)
@@ -339,3 +339,27 @@ def generate_sample(out_dir: Path | str, params: SampleParams) -> dict:
         "designs": [design_name(rank) for rank in range(num_classes)],
         "quirks": tally.as_dict(),
     }
+
+
+def _write_ilsvrc(
+    tmp: Path,
+    packed: Path,
+    out_dir: Path,
+    params: SampleParams,
+    classes: list[tuple[str, str]],
+    tally: _Tally,
+) -> list[str]:
+    """Writes the ILSVRC-shaped tree into `tmp`, packs it as `params.layout` asks and
+    publishes it as `out_dir`; returns the names in `out_dir`."""
+    wnids = [wnid for wnid, _ in classes]
+    (tmp / MAPPING_FILE).write_text("".join(f"{w} {n}\n" for w, n in classes), encoding="utf-8")
+    _write_train(tmp, params.seed, wnids, params.train_per_class, tally)
+    _write_val(tmp, params.seed, wnids, params.val_per_class, tally)
+    if params.layout == "tree":
+        files = sorted(p.name for p in tmp.iterdir())
+        publish_dir(tmp, out_dir)
+        return files
+    files = pack_sample(tmp, packed, params.layout, params.seed)
+    shutil.rmtree(tmp)
+    publish_dir(packed, out_dir)
+    return files
