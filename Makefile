@@ -29,10 +29,11 @@ run: $(STAMP)
 	dvc repro
 	$(PY) -m cli.report
 
-## The paper's ablations as DVC experiments on the sample, then reports/paper.{md,html}.
+## The paper's ablations and Figure 1 as DVC experiments on the sample, then reports/paper.{md,html};
+## PARAMS=params-imagenet.yaml runs them on that file's params instead.
 paper: $(STAMP)
 	test -d .dvc || dvc init -q
-	$(PY) -m cli.paper
+	$(PY) -m cli.paper $(if $(PARAMS),--params $(PARAMS))
 
 ## The whole test suite (real Ray, MLflow, DVC on tiny generated data).
 test: $(STAMP) system-deps

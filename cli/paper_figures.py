@@ -1,5 +1,6 @@
-"""The paper report's pictures as PNG bytes: every run's curves on shared axes, and the
-baseline's per-class errors (matplotlib's file-only Agg backend)."""
+"""The paper report's pictures as PNG bytes: every run's curves on shared axes, the
+Figure-1 pair's train error, and the baseline's per-class errors (matplotlib's file-only
+Agg backend)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,27 @@ def curves_png(results: list[RunResult], keys: tuple[str, ...]) -> bytes:
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    return png_bytes(fig, dpi=90)
+
+
+def figure1_png(relu: RunResult, tanh: RunResult, target: float) -> bytes:
+    """Train top-1 error per epoch of the ReLU and the tanh CIFAR net, as the paper's
+    Figure 1 draws them (ReLU solid, tanh dashed), with the target error as a line."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r, style in ((relu, "-"), (tanh, "--")):
+        points = r.curves.get("train_top1_error", [])
+        if points:
+            ax.plot(*zip(*points, strict=True), style, marker=".", label=f"{r.ablation.name} ({r.status})")
+    ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"{target:.0%} train error")
+    ax.set_title("Figure 1: train top-1 error, CIFAR net")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return png_bytes(fig, dpi=90)
 
 
