@@ -45,6 +45,21 @@ def init_ray() -> None:
 def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Starts a fresh local Ray instance in this process, never joining a running cluster.
 
+    Three settings keep Ray's console to what matters, without turning anything off that
+    this instance uses:
+    - RAY_AUTH_MODE=token, unless set: what Ray 2.60 does by default for a new local
+      instance, set here so Ray does not print its notice that it did.
+    - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, unless set: Ray Train's watcher polls for nodes
+      being drained (spot preemption, autoscaler downscaling), which no node of a local
+      instance ever is; its actor logged a constructor-arguments error line per run.
+    - Ray Train's PlacementGroupCleaner (it removes a run's placement group when the
+      controller dies) polls the State API: served by the dashboard's HTTP server, so
+      the dashboard runs (on 127.0.0.1, a free port; without it: "Failed to query Ray
+      Train Controller actor state" every few seconds), and found through RAY_ADDRESS,
+      which the instance's workers get (the job's runtime_env) with the GCS on a port
+      chosen here (RAY_GCS_SERVER_PORT; without it the State API looks for Ray on the
+      machine and died with "Found multiple active Ray instances" wherever another ran).
+
     Args:
         num_cpus: CPUs Ray may schedule (default: the machine's), e.g. what a test or a
             benchmark measures on.
@@ -53,13 +68,43 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        configure_logging=not quiet,
-        log_to_driver=not quiet,
-    )
+    _set_local_defaults()
+    port = _free_port()
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_port=_free_port(),
+            configure_logging=not quiet,
+            log_to_driver=not quiet,
+            runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+        )
+    finally:
+        if previous is None:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _set_local_defaults() -> None:
+    """RAY_AUTH_MODE=token and no preemption watcher, unless set (see start_local_ray)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray caches its config at import: re-read it, as Ray does when it sets the mode itself.
+        Config.initialize("")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def _free_port() -> int:
+    """A TCP port no process listens on now (the kernel's pick for an ephemeral bind)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cluster_cpus() -> int:

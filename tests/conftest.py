@@ -24,7 +24,7 @@ from pipeline.cluster import start_local_ray
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """Starts a real local Ray instance (2 CPUs, no dashboard) shared by the session."""
+    """Starts a real local Ray instance (2 CPUs) shared by the session."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
