@@ -59,6 +59,11 @@ def paper_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ws
 
 
+# Three experiments and their inputs start Ray ten times: past the suite's 900 s on a busy machine.
+SET_TIMEOUT = pytest.mark.timeout(1800)
+
+
+@SET_TIMEOUT
 def test_each_experiment_is_one_tagged_mlflow_run(paper_set: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{paper_set / 'mlflow.db'}")
     runs = mlflow.search_runs(
@@ -85,6 +90,7 @@ def test_each_experiment_is_one_tagged_mlflow_run(paper_set: Path) -> None:
     assert subprocess.run(["git", "diff", "--quiet", "params.yaml"], cwd=paper_set).returncode == 0
 
 
+@SET_TIMEOUT
 def test_report_renders_in_headless_chromium(paper_set: Path, tmp_path: Path) -> None:
     md = (paper_set / "reports/paper.md").read_text()
     claim = r"\| ReLU trains faster than tanh \(Figure 1\) \| model.activation \(CIFAR net\) \| 6x \| "
