@@ -152,8 +152,8 @@ def test_bytes_that_are_not_utf8_are_a_params_error(tmp_path: Path) -> None:
             r"^data\.shards='/datasets/in/shards': overlaps data\.raw='/datasets/in'",
         ),
         (
-            {"data": {"raw": "s3://b/imagenet/", "shards": "s3://b/imagenet"}},
-            r"^data\.shards='s3://b/imagenet': overlaps data\.raw",
+            {"data": {"raw": "s3://b/imagenet/", "shard_store": "s3://b/imagenet"}},
+            r"^data\.shard_store='s3://b/imagenet': overlaps data\.raw",
         ),
         (
             {"data": {"model": "artifacts/checkpoints/model"}},
@@ -170,7 +170,7 @@ def test_bytes_that_are_not_utf8_are_a_params_error(tmp_path: Path) -> None:
         "format-not-written",
         "shards-on-sample",
         "shards-inside-raw",
-        "shards-on-raw-uri",
+        "shard-store-on-raw-uri",
         "model-inside-checkpoints",
         "metrics-inside-plots",
         "gpu-augment-on-cpu",
