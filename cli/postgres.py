@@ -20,7 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.procs import ProcessRecord, RunAs, ServiceError, free_port, spawn, stop_processes, wait_until
+from cli.procs import ProcessRecord, RunAs, ServiceError, spawn, stop_processes, wait_until
+from pipeline.cluster import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = ROLE = "mlflow"

@@ -92,13 +92,6 @@ class RunAs:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
-def free_port(host: str) -> int:
-    """A TCP port nothing listens on at `host` right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def port_open(host: str, port: int) -> bool:
     """Whether something accepts TCP connections at host:port."""
     try:

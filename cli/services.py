@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.postgres import PostgresServer, start_postgres
-from cli.procs import ProcessRecord, ServiceError, free_port, port_open, spawn, stop_processes, wait_until
+from cli.procs import ProcessRecord, ServiceError, port_open, spawn, stop_processes, wait_until
+from pipeline.cluster import free_port
 from pipeline.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,7 +69,7 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     import ray
 
     _set_local_defaults()
-    port = _free_port()
+    port = free_port()
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
@@ -77,7 +77,7 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
             address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
-            dashboard_port=_free_port(),
+            dashboard_port=free_port(),
             configure_logging=not quiet,
             log_to_driver=not quiet,
             runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
@@ -100,10 +100,10 @@ def _set_local_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def _free_port() -> int:
-    """A TCP port no process listens on now (the kernel's pick for an ephemeral bind)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now (the kernel's pick)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

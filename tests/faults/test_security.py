@@ -16,8 +16,9 @@ import pytest
 import requests
 import torch
 
-from cli.procs import free_port, spawn, stop_processes, wait_until
+from cli.procs import spawn, stop_processes, wait_until
 from models import load_checkpoint
+from pipeline.cluster import free_port
 from pipeline.config import ModelParams
 from pipeline.data.cifar import CIFAR_DIR, ingest_cifar10
 from pipeline.train.checkpoints import STATE_FILE, load_state

@@ -25,8 +25,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from cli.procs import ProcessRecord, free_port, spawn, stop_processes, wait_until
+from cli.procs import ProcessRecord, spawn, stop_processes, wait_until
 from cli.services import base_env
+from pipeline.cluster import free_port
 from pipeline.train.checkpoints import checkpoint_dirs
 from tests.conftest import stage_env
 
