@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from pipeline.train.divergence import TrainingDiverged, check_history
 from pipeline.train.loop import WorkerConfig, train_loop_per_worker
 from pipeline.train.model_card import ModelCard, build_network, save_model
 from pipeline.train.runstate import RunState, run_key
+
+POLL_INTERVAL_S = 0.2  # Ray Train's controller polls the workers this often (see fit)
 
 
 def _open_mlflow_run(state: RunState, params: Params) -> str:
@@ -150,6 +153,11 @@ def fit(cfg: WorkerConfig, storage_path: str, name: str):
     from ray.train.torch import TorchTrainer
 
     p = cfg.train
+    # Ray Train's controller takes each worker's report when it polls them (every 2 s by
+    # default) and a worker's next report waits for that: on the sample, where an epoch takes
+    # well under a second, the wait was most of every epoch. Ray propagates the setting from
+    # this driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(POLL_INTERVAL_S))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": cfg},
