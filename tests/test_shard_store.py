@@ -47,13 +47,26 @@ def verify(ws: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_shards_written_to_s3_equal_local_ones_and_are_read_from_there(
-    s3_env: pafs.S3FileSystem, workspace_copy
-) -> None:
-    local = workspace_copy("local")  # sample, shard, stats already run, shards on disk
-    ws = workspace_copy("s3", {"data": {"shard_store": STORE}})
-    run_stage(ws, "shard")
+@pytest.fixture(scope="module")
+def on_s3(s3_server: S3Server, tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny inputs (shards on disk) after a shard stage into STORE."""
+    ws = tmp_path_factory.mktemp("s3")
+    shutil.copytree(tiny_inputs, ws, dirs_exist_ok=True)
+    write_params(ws, {"data": {"shard_store": STORE}})
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.shard"], cwd=ws, env=stage_env() | s3_server.env(),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return ws
 
+
+def test_shards_written_to_s3_equal_local_ones_and_are_read_from_there(
+    s3_env: pafs.S3FileSystem, tiny_inputs: Path, on_s3: Path, tmp_path: Path
+) -> None:
+    local = tiny_inputs  # sample, shard, stats already run, shards on disk
+    ws = tmp_path / "s3"
+    shutil.copytree(on_s3, ws)
     meta, local_meta = ShardMeta.read(str(ws / "data/shards")), ShardMeta.read(str(local / "data/shards"))
     assert sorted(p.name for p in (ws / "data/shards").iterdir()) == ["meta.json", "quarantine.csv"]
     stored = objects(s3_env, STORE.removeprefix("s3://"))
@@ -66,6 +79,7 @@ def test_shards_written_to_s3_equal_local_ones_and_are_read_from_there(
             assert hashlib.sha256(stored[f.uri]).hexdigest() == f.sha256 and len(stored[f.uri]) == f.nbytes
     assert json.loads((ws / "metrics/shard.json").read_text())["sharded"] == {"train": 48, "val": 12}
 
+    (ws / "data/stats.json").unlink()
     run_stage(ws, "stats")  # Ray tasks read the train shards from S3
     stats = json.loads((ws / "data/stats.json").read_text())
     assert stats == json.loads((local / "data/stats.json").read_text())
@@ -75,35 +89,40 @@ def test_shards_written_to_s3_equal_local_ones_and_are_read_from_there(
 
 
 def test_changed_shard_on_s3_is_named_by_verify_and_by_the_readers(
-    s3_env: pafs.S3FileSystem, workspace_copy
+    s3_env: pafs.S3FileSystem, on_s3: Path, tmp_path: Path
 ) -> None:
-    ws = workspace_copy("corrupt", {"data": {"shard_store": f"{STORE}-corrupt"}})
-    run_stage(ws, "shard")
+    ws = tmp_path / "corrupt"
+    shutil.copytree(on_s3, ws)
     meta = ShardMeta.read(str(ws / "data/shards"))
     victim = meta.shard_files("parquet")[0]
     path = victim.uri.removeprefix("s3://")
     with s3_env.open_input_file(path) as f:
-        data = bytearray(f.read())
+        original = f.read()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern inside a page: same length
-    with s3_env.open_output_stream(path) as f:
-        f.write(bytes(data))
+    try:
+        with s3_env.open_output_stream(path) as f:
+            f.write(bytes(data))
+        quick = verify(ws, "--quick")  # lengths agree: only reading finds it
+        assert quick.returncode == 0, quick.stdout
+        bad = verify(ws)
+        assert bad.returncode == 1 and f"BAD  {victim.uri}: SHA-256" in bad.stdout
+        assert "7 of 8 shard files" in bad.stdout
 
-    quick = verify(ws, "--quick")  # lengths agree: only reading finds it
-    assert quick.returncode == 0, quick.stdout
-    bad = verify(ws)
-    assert bad.returncode == 1 and f"BAD  {victim.uri}: SHA-256" in bad.stdout
-    assert "7 of 8 shard files" in bad.stdout
+        stats = subprocess.run(
+            [sys.executable, "-m", "stages.stats"], cwd=ws, env=stage_env(), capture_output=True, text=True
+        )
+        assert stats.returncode != 0
+        assert f"{victim.uri}: SHA-256" in stats.stderr and "rerun the shard stage" in stats.stderr
 
-    stats = subprocess.run(
-        [sys.executable, "-m", "stages.stats"], cwd=ws, env=stage_env(), capture_output=True, text=True
-    )
-    assert stats.returncode != 0
-    assert f"{victim.uri}: SHA-256" in stats.stderr and "rerun the shard stage" in stats.stderr
-
-    with s3_env.open_output_stream(path) as f:
-        f.write(bytes(data[:-100]))  # cut short: the quick check (training's) finds it too
-    short = verify(ws, "--quick")
-    assert short.returncode == 1 and f"{victim.uri}: {len(data) - 100} bytes, meta.json lists" in short.stdout
+        with s3_env.open_output_stream(path) as f:
+            f.write(bytes(data[:-100]))  # cut short: the quick check (training's) finds it too
+        short = verify(ws, "--quick")
+        assert short.returncode == 1
+        assert f"{victim.uri}: {len(data) - 100} bytes, meta.json lists" in short.stdout
+    finally:  # the module's other tests read the same store
+        with s3_env.open_output_stream(path) as f:
+            f.write(original)
 
 
 def kill_session(leader: int) -> None:
