@@ -9,52 +9,19 @@ too): `train.lr` goes from params.yaml to the optimizer through typed objects on
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import posixpath
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from models.rules import check_switches, crop_range
 from pipeline import yamlfile
 from pipeline.data.ilsvrc import MAX_TRAIN_PER_CLASS, MAX_VAL_PER_CLASS, NUM_SYNSETS
+from pipeline.params_fields import EMPTY_OK, ParamsError, Section, in_range, parse_section
 
 PARAMS_FILE = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """A params.yaml value that is missing, unknown, mistyped or out of range."""
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
-    """Field metadata for a numeric bound: lo <= v <= hi (lo < v when lo_open)."""
-    return {"range": (lo, hi, lo_open)}
-
-
-# Field metadata of a string that may be "" (meaning "not set"); other strings must not be blank.
-_EMPTY_OK = {"empty_ok": True}
-
-
-class _Section:
-    """Base of the section dataclasses: each field is checked against its type and
-    bounds when the section is built, so a section made in code is as valid as one read
-    from params.yaml."""
-
-    SECTION = ""  # the section's name in params.yaml, for error messages
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _check_value(f"{self.SECTION}.{f.name}", getattr(self, f.name), hints[f.name], f.metadata)
-            object.__setattr__(self, f.name, value)  # int -> float where the type is float
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 # The data paths dvc.yaml declares as outputs (written by the stages, cached by DVC).
@@ -62,7 +29,7 @@ DVC_OUTPUTS = tuple("sample shards stats model train_metrics eval_metrics shard_
 
 
 @dataclass(frozen=True)
-class DataParams(_Section):
+class DataParams(Section):
     """Where every file of the pipeline lives (paths are defined here and nowhere else).
 
     `raw` may be a local path or a pyarrow.fs URI (s3://, gs://) so a cluster can read
@@ -77,7 +44,7 @@ class DataParams(_Section):
     raw: str = "data/sample"  # the ILSVRC-2012 tree or archives the shard stage reads
     shards: str = "data/shards"  # the shard output: meta.json, quarantine.csv, the shards unless shard_store
     # Where the shard files go instead, e.g. s3://bucket/prefix ("": inside `shards`).
-    shard_store: str = field(default="", metadata=_EMPTY_OK)
+    shard_store: str = field(default="", metadata=EMPTY_OK)
     stats: str = "data/stats.json"
     format: Literal["parquet", "webdataset"] = "parquet"  # the shard format training reads
     checkpoints: str = "artifacts/checkpoints"  # Ray Train RunConfig.storage_path
@@ -117,46 +84,46 @@ def _overlap(a: str, b: str) -> bool:
 
 
 @dataclass(frozen=True)
-class SampleParams(_Section):
+class SampleParams(Section):
     """The embedded ILSVRC-2012-shaped sample generator."""
 
     SECTION = "sample"
 
-    num_classes: int = field(default=10, metadata=_range(2, NUM_SYNSETS))
-    train_per_class: int = field(default=300, metadata=_range(2, MAX_TRAIN_PER_CLASS))
-    val_per_class: int = field(default=50, metadata=_range(1, MAX_VAL_PER_CLASS))
-    seed: int = field(default=0, metadata=_range(0))
+    num_classes: int = field(default=10, metadata=in_range(2, NUM_SYNSETS))
+    train_per_class: int = field(default=300, metadata=in_range(2, MAX_TRAIN_PER_CLASS))
+    val_per_class: int = field(default=50, metadata=in_range(1, MAX_VAL_PER_CLASS))
+    seed: int = field(default=0, metadata=in_range(0))
     # tree: train/ and val/ folders; archives: the official tars; kaggle_zip: Kaggle's zip;
     # cifar10: 32-px images in CIFAR-10's python batches (the paper's Figure 1 without CIFAR-10)
     layout: Literal["tree", "archives", "kaggle_zip", "cifar10"] = "tree"
 
 
 @dataclass(frozen=True)
-class ShardParams(_Section):
+class ShardParams(Section):
     """Resizing and sharding (paper: shorter side 256, centre crop 256x256)."""
 
     SECTION = "shard"
 
     source: Literal["imagenet", "cifar10"] = "imagenet"
-    size: int = field(default=256, metadata=_range(32, 1024))
-    quality: int = field(default=90, metadata=_range(1, 100))
+    size: int = field(default=256, metadata=in_range(32, 1024))
+    quality: int = field(default=90, metadata=in_range(1, 100))
     format: Literal["parquet", "webdataset", "both"] = "both"
-    shard_size: int = field(default=1000, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
-    max_bad_fraction: float = field(default=0.001, metadata=_range(0.0, 1.0))
+    shard_size: int = field(default=1000, metadata=in_range(1))
+    seed: int = field(default=0, metadata=in_range(0))
+    max_bad_fraction: float = field(default=0.001, metadata=in_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
-class StatsParams(_Section):
+class StatsParams(Section):
     """Training-set statistics (mean, std, RGB covariance eigenpairs for PCA lighting)."""
 
     SECTION = "stats"
 
-    max_shards: int = field(default=0, metadata=_range(0))  # 0: every train shard (they are class-mixed)
+    max_shards: int = field(default=0, metadata=in_range(0))  # 0: every train shard (they are class-mixed)
 
 
 @dataclass(frozen=True)
-class ModelParams(_Section):
+class ModelParams(Section):
     """Network choice and the paper's ablation switches (see models/)."""
 
     SECTION = "model"
@@ -166,8 +133,8 @@ class ModelParams(_Section):
     pooling: Literal["overlap", "nonoverlap"] = "overlap"
     lrn: bool = True
     groups: int = field(default=2, metadata={"choices": (1, 2)})
-    dropout: float = field(default=0.5, metadata=_range(0.0, 0.99))
-    width: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))
+    dropout: float = field(default=0.5, metadata=in_range(0.0, 0.99))
+    width: float = field(default=1.0, metadata=in_range(0.0, 4.0, lo_open=True))
     init: Literal["paper", "kaiming"] = "paper"
 
     def __post_init__(self) -> None:
@@ -181,31 +148,31 @@ class ModelParams(_Section):
 
 
 @dataclass(frozen=True)
-class TrainParams(_Section):
+class TrainParams(Section):
     """The paper's SGD-momentum recipe and the Ray Train scaling/fault-tolerance knobs."""
 
     SECTION = "train"
 
-    epochs: int = field(default=90, metadata=_range(1))
-    batch_size: int = field(default=128, metadata=_range(1))  # global, split over workers
-    lr: float = field(default=0.01, metadata=_range(0.0, 10.0, lo_open=True))
-    momentum: float = field(default=0.9, metadata=_range(0.0, 0.999))
-    weight_decay: float = field(default=0.0005, metadata=_range(0.0, 1.0))
+    epochs: int = field(default=90, metadata=in_range(1))
+    batch_size: int = field(default=128, metadata=in_range(1))  # global, split over workers
+    lr: float = field(default=0.01, metadata=in_range(0.0, 10.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=in_range(0.0, 0.999))
+    weight_decay: float = field(default=0.0005, metadata=in_range(0.0, 1.0))
     schedule: Literal["plateau", "step"] = "plateau"
-    warmup_epochs: int = field(default=0, metadata=_range(0))  # linear lr warmup, per step (schedules.py)
-    patience: int = field(default=2, metadata=_range(0))
-    max_reductions: int = field(default=3, metadata=_range(0))
-    step_size: int = field(default=30, metadata=_range(1))
-    crop: int = field(default=227, metadata=_range(16, 1024))
-    pca_std: float = field(default=0.1, metadata=_range(0.0, 10.0))
-    seed: int = field(default=0, metadata=_range(0))
-    num_workers: int = field(default=1, metadata=_range(1))
+    warmup_epochs: int = field(default=0, metadata=in_range(0))  # linear lr warmup, per step (schedules.py)
+    patience: int = field(default=2, metadata=in_range(0))
+    max_reductions: int = field(default=3, metadata=in_range(0))
+    step_size: int = field(default=30, metadata=in_range(1))
+    crop: int = field(default=227, metadata=in_range(16, 1024))
+    pca_std: float = field(default=0.1, metadata=in_range(0.0, 10.0))
+    seed: int = field(default=0, metadata=in_range(0))
+    num_workers: int = field(default=1, metadata=in_range(1))
     use_gpu: bool = False
     # Fractions let several workers share a core (Ray accepts fractional CPU requests).
-    cpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 64.0, lo_open=True))
+    cpus_per_worker: float = field(default=1.0, metadata=in_range(0.0, 64.0, lo_open=True))
     placement: Literal["spread", "pack"] = "spread"  # workers over as many nodes as possible, or few
-    augment_threads: int = field(default=2, metadata=_range(1))
-    max_failures: int = field(default=2, metadata=_range(-1))
+    augment_threads: int = field(default=2, metadata=in_range(1))
+    max_failures: int = field(default=2, metadata=in_range(-1))
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -224,7 +191,7 @@ class TrainParams(_Section):
 
 
 @dataclass(frozen=True)
-class DivergenceParams(_Section):
+class DivergenceParams(Section):
     """When a training run counts as diverged: it stops early, is tagged `diverged` in
     MLflow and is never registered (pipeline/train/divergence.py).
 
@@ -235,22 +202,22 @@ class DivergenceParams(_Section):
 
     SECTION = "divergence"
 
-    after_epochs: int = field(default=5, metadata=_range(0))
-    chance_margin: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
+    after_epochs: int = field(default=5, metadata=in_range(0))
+    chance_margin: float = field(default=0.02, metadata=in_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     """Validation: centre crop and the paper's 10-crop."""
 
     SECTION = "evaluate"
 
-    batch_size: int = field(default=128, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=in_range(1))
     ten_crop: bool = True
 
 
 @dataclass(frozen=True)
-class MlflowParams(_Section):
+class MlflowParams(Section):
     """Experiment tracking. The tracking URI itself comes from MLFLOW_TRACKING_URI or
     defaults to the local SQLite store; it never lives in params (it may hold secrets)."""
 
@@ -314,77 +281,6 @@ class Params:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name -> its dataclass, in order
-
-T = TypeVar("T")
-
-
-def _describe(tp: Any) -> str:
-    """Human-readable form of an allowed type, for error messages."""
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Returns `value` coerced to `tp` (int -> float only) or raises ParamsError."""
-    if typing.get_origin(tp) is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise ParamsError(f"{key}={value!r}: expected {_describe(tp)}")
-        return value
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            try:
-                value = float(value)
-            except OverflowError:  # an int beyond float's range
-                ok = False
-            else:
-                ok = math.isfinite(value)
-    elif tp is str:
-        ok = isinstance(value, str) and (value.strip() != "" or (value == "" and meta.get("empty_ok", False)))
-    else:  # pragma: no cover - a new field type must be handled above
-        raise TypeError(f"unsupported params type {tp} for {key}")
-    if not ok:
-        raise ParamsError(f"{key}={value!r}: expected {_describe(tp)}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ParamsError(f"{key}={value!r}: expected one of {', '.join(map(repr, meta['choices']))}")
-    if "range" in meta:
-        lo, hi, lo_open = meta["range"]
-        too_low = lo is not None and (value <= lo if lo_open else value < lo)
-        too_high = hi is not None and value > hi
-        if too_low or too_high:
-            lo_txt = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
-            hi_txt = "" if hi is None else f" <= {hi}"
-            raise ParamsError(f"{key}={value!r}: expected {_describe(tp)} with {lo_txt}value{hi_txt}")
-    return value
-
-
-def parse_section(name: str, raw: Any, cls: type[T]) -> T:
-    """Builds the frozen dataclass `cls` from the mapping `raw` of section `name`.
-
-    Args:
-        name: Section name, used in error messages (``train``).
-        raw: The section's mapping from YAML; None means all defaults.
-        cls: The section's dataclass.
-
-    Returns:
-        The validated, frozen section.
-
-    Raises:
-        ParamsError: On an unknown key, a wrong type or an out-of-range value.
-    """
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{name}: expected a mapping of keys to values, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers too
-    if unknown:
-        raise ParamsError(f"{name}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
-    return cls(**raw)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
