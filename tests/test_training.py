@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -20,7 +22,7 @@ import torch
 from pipeline.data.shards import ShardMeta
 from pipeline.scoring import hits, top_classes
 from pipeline.train.schedules import PlateauSchedule, StepSchedule
-from tests.conftest import run_stage, stage_env
+from tests.conftest import run_stage, stage_env, write_params
 
 
 def test_topk_counts() -> None:
@@ -143,13 +145,38 @@ def history(ws: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy, n: int) -> None:
-    overrides = {"train": {"epochs": 8, **workers(n)}}
-    straight = workspace_copy("straight", overrides)
-    run_stage(straight, "train")
+def train_params(n: int) -> dict:
+    """8 epochs on n workers, a killed worker restarted up to twice: every run of this module."""
+    return {"train": {"epochs": 8, "max_failures": 2, **workers(n)}}
 
-    ws = workspace_copy("interrupted", overrides)
+
+@pytest.fixture(scope="module")
+def straight(tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """The workspace of an undisturbed training on n workers, trained once per n for the
+    module: what an interrupted or a failed run must end equal to."""
+    runs: dict[int, Path] = {}
+
+    def get(n: int) -> Path:
+        if n not in runs:
+            ws = tmp_path_factory.mktemp(f"straight{n}")
+            shutil.copytree(tiny_inputs, ws, dirs_exist_ok=True)
+            write_params(ws, train_params(n))
+            run_stage(ws, "train")
+            runs[n] = ws
+        return runs[n]
+
+    return get
+
+
+def assert_same_weights(straight: Path, ws: Path) -> None:
+    a, b = weights(straight), weights(ws)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy, straight, n: int) -> None:
+    ws = workspace_copy("interrupted", train_params(n))
     proc = start_training(ws)
     wait_for(lambda: registered(ws) >= 2, proc, "the second registered checkpoint")
     proc.send_signal(signal.SIGINT)  # a user's Ctrl-C
@@ -162,13 +189,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy, 
     run_stage(ws, "train")
     resumed = json.loads((ws / "metrics/train.json").read_text())
     assert resumed["epochs_run"] == 8 and resumed["restarts"] == 1
-    a, b = weights(straight), weights(ws)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert_same_weights(straight(n), ws)
     assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6, 7, 8]
     # Every image once per epoch, summed over the workers (3 train shards: an uneven split).
     meta = ShardMeta.read(str(ws / "data/shards"))
-    for row in history(straight) + history(ws):
+    for row in history(straight(n)) + history(ws):
         assert int(float(row["train_images"])) == meta.counts["train"]
         assert int(float(row["val_images"])) == meta.counts["val"]
     placements = resumed["worker_nodes"]
@@ -176,8 +201,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(workspace_copy, 
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy, n: int) -> None:
-    ws = workspace_copy("killed", {"train": {"epochs": 6, "max_failures": 2, **workers(n)}})
+def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy, straight, n: int) -> None:
+    ws = workspace_copy("killed", train_params(n))
     proc = start_training(ws)
     wait_for(lambda: registered(ws) >= 1, proc, "a registered checkpoint")
     # Ray's local processes descend from the stage that started them: never touch another run's.
@@ -187,7 +212,8 @@ def test_killed_worker_is_replaced_from_the_last_checkpoint(workspace_copy, n: i
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((ws / "metrics/train.json").read_text())
-    assert summary["epochs_run"] == 6
+    assert summary["epochs_run"] == 8
     assert summary["restarts"] == 1, "the worker was not restarted from a checkpoint"
     assert history(ws)[0]["restarts"] == "0", "epoch 1 ran before the kill, in the first attempt"
-    assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6]
+    assert epoch_steps(ws) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert_same_weights(straight(n), ws)  # the epoch the kill cut short, trained again the same
