@@ -182,6 +182,9 @@ def log_to_mlflow(
             serialization_format="pt2",
             input_example=example.numpy(),
             signature=signature,
+            # Stated rather than inferred: inference loads the model in a fresh Python to see
+            # what it imports, seconds per run; a torch.export model needs torch (and MLflow).
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             registered_model_name=registered_model,
         )
     headline = metrics.get("top1_error_10crop", metrics["top1_error"])

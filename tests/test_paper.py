@@ -44,10 +44,19 @@ def chromium(*args: str, user_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def paper_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def paper_set(tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project after `python -m cli.paper --only baseline,fig1-relu,fig1-tanh`; the
-    -S values are the tiny profile's own, so they shrink only the Figure-1 runs."""
+    -S values are the tiny profile's own, so they shrink only the Figure-1 runs.
+
+    The baseline's inputs are the session's tiny ones (same params), committed to DVC
+    (`dvc commit`), so the set's `dvc repro stats` finds them up to date instead of running
+    three more stages."""
     ws = git_project(tmp_path_factory.mktemp("paper"))
+    for rel in ("data", "metrics"):  # the sample, shard and stats outputs
+        shutil.copytree(tiny_inputs / rel, ws / rel)
+    commit = ["dvc", "commit", "--force", "--with-deps", "stats"]
+    out = subprocess.run(commit, cwd=ws, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     tiny = ["-S", "sample.train_per_class=16", "-S", "sample.val_per_class=4", "-S", "train.epochs=2"]
     out = subprocess.run(
         [sys.executable, "-m", "cli.paper", "--only", "baseline,fig1-relu,fig1-tanh", "--set", SET, *tiny],

@@ -8,11 +8,15 @@ switch learn within these 10 epochs (README "One recipe every switch survives").
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+import stages.sample
+import stages.shard
+import stages.stats
 from cli.paper import ABLATIONS
 from pipeline.config import SECTIONS, parse_section
 from pipeline.data.shards import ShardMeta
@@ -21,7 +25,7 @@ from pipeline.train.checkpoints import load_state
 from pipeline.train.divergence import check_history
 from pipeline.train.driver import fit
 from pipeline.train.loop import WorkerConfig
-from tests.conftest import ROOT, run_stage, write_params
+from tests.conftest import ROOT, write_params
 
 CLASSES = 3
 # Enough images per class to learn in a few epochs; the model and crop of the tiny profile.
@@ -33,11 +37,18 @@ SIZE = {"epochs": 10, "batch_size": 32, "step_size": 7, "crop": 72}  # lr /10 fo
 
 
 @pytest.fixture(scope="module")
-def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def learnable(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample, shard and stats stages' outputs, made by the stages' own `main` in this
+    process on the session's Ray (three stage processes would each start a Ray of their own)."""
     ws = tmp_path_factory.mktemp("learnable")
     write_params(ws, DATA)
-    for stage in ("sample", "shard", "stats"):
-        run_stage(ws, stage)
+    here = Path.cwd()
+    os.chdir(ws)  # the stages read params.yaml and write data/ relative to their cwd
+    try:
+        for stage in (stages.sample, stages.shard, stages.stats):
+            stage.main()
+    finally:
+        os.chdir(here)
     return ws
 
 
