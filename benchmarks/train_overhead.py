@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     print(f"load avg before: {_load()}", flush=True)
-    start_local_ray(num_cpus=os.cpu_count(), quiet=True)
+    start_local_ray(num_cpus=os.cpu_count(), quiet=True, state_api=True)
     plain = [timed_epochs(cfg)]
     print(f"plain loop: {plain[0]:.1f} images/s (load avg: {_load()})", flush=True)
     with tempfile.TemporaryDirectory() as storage:

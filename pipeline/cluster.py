@@ -13,13 +13,17 @@ if TYPE_CHECKING:
 HEAD_CONNECT_TIMEOUT_S = 10.0
 
 
-def init_ray() -> None:
+def init_ray(state_api: bool = False) -> None:
     """Starts or joins Ray once per process.
 
     With RAY_ADDRESS set (by the user, or by `ray job submit` for the job's driver) the
     stage joins that cluster, with Ray's token auth on when a token is at hand; otherwise it
     starts its own local instance, never silently attaching to some other cluster running on
     the machine.
+
+    Args:
+        state_api: Whether a local instance serves Ray's State API (see start_local_ray):
+            what a process running Ray Train needs.
 
     Raises:
         RuntimeError: When nothing answers at RAY_ADDRESS (`_require_head`), or Ray made
@@ -37,12 +41,12 @@ def init_ray() -> None:
             ray.init(address=address)
             _require_own_node(address)
         else:
-            start_local_ray()
+            start_local_ray(state_api=state_api)
     # Per-operator bars flood DVC's log; the stages print their own progress.
     DataContext.get_current().enable_progress_bars = False
 
 
-def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api: bool = False) -> None:
     """Starts a fresh local Ray instance in this process, never joining a running cluster.
 
     Three settings keep Ray's console to what matters, without turning anything off that
@@ -54,8 +58,8 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
       instance ever is; its actor logged a constructor-arguments error line per run.
     - Ray Train's PlacementGroupCleaner (it removes a run's placement group when the
       controller dies) polls the State API: served by the dashboard's HTTP server, so
-      the dashboard runs (on 127.0.0.1, a free port; without it: "Failed to query Ray
-      Train Controller actor state" every few seconds), and found through RAY_ADDRESS,
+      with `state_api` the dashboard runs (on 127.0.0.1, a free port; without it: "Failed
+      to query Ray Train Controller actor state" every few seconds), and found through RAY_ADDRESS,
       which the instance's workers get (the job's runtime_env) with the GCS on a port
       chosen here (RAY_GCS_SERVER_PORT; without it the State API looks for Ray on the
       machine and died with "Found multiple active Ray instances" wherever another ran).
@@ -65,6 +69,8 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
             benchmark measures on.
         quiet: Keep Ray's own logging and the workers' output off this process's console
             (tests and benchmarks print their own results).
+        state_api: Start the dashboard, whose server answers the State API. Only Ray
+            Train needs it; the other stages start without its nine processes.
     """
     import ray
 
@@ -76,8 +82,8 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_port=free_port(),
+            include_dashboard=state_api,
+            dashboard_port=free_port() if state_api else None,
             configure_logging=not quiet,
             log_to_driver=not quiet,
             runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},

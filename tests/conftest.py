@@ -24,12 +24,13 @@ from pipeline.cluster import start_local_ray
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """Starts a real local Ray instance (2 CPUs) shared by the session."""
+    """Starts a real local Ray instance (2 CPUs) shared by the session, with the State API
+    that tests running Ray Train in this process need."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # A fresh instance, never a cluster someone started with `ray start` (RAY_ADDRESS ignored).
-    start_local_ray(num_cpus=2, quiet=True)
+    start_local_ray(num_cpus=2, quiet=True, state_api=True)
     yield
     ray.shutdown()
 

@@ -261,7 +261,7 @@ def train(params: Params) -> dict:
     model_params, train_params = dataclasses.asdict(params.model), dataclasses.asdict(p)
     key = run_key(model_params, train_params, meta.to_json(), stats.to_json())
     state = RunState(data.checkpoints, f"{p.run_name}-{key}")
-    init_ray()
+    init_ray(state_api=True)  # Ray Train's placement-group cleaner polls it
     check_resources(p)
     run_id = _open_mlflow_run(state, params)
     cfg = dataclasses.replace(cfg, mlflow=tracking.RunRef(uri, run_id))
