@@ -15,13 +15,23 @@ import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 from mlflow import MlflowClient
 
 from cli.services import ServicesInfo
 from tests.conftest import ROOT, run_stage, stage_env
-from tests.test_training import epoch_steps, start_training, wait_for
+from tests.test_training import epoch_steps, wait_for
 
 CHECKPOINTS = "alexnet/train-checkpoints"
+
+
+@pytest.fixture
+def s3_env(services: ServicesInfo, monkeypatch: pytest.MonkeyPatch) -> pafs.S3FileSystem:
+    """conftest's `s3_env` on the S3 server of the module's `services`: one S3 server for
+    the module."""
+    for key, value in services.s3.env().items():
+        monkeypatch.setenv(key, value)
+    return pafs.S3FileSystem(endpoint_override=services.s3.endpoint, region=services.s3.region)
 
 
 def snapshot(fs: pafs.S3FileSystem) -> dict:
@@ -49,7 +59,12 @@ def test_interrupted_training_resumes_on_s3_past_a_damaged_latest_checkpoint(
         },
     )
     run_stage(ws, "shard")  # the shards move to S3; stats are unchanged (same bytes)
-    proc = start_training(ws)
+    # Ray Train's controller polling every 1 s (not the stage's 0.2 s) paces the epochs at about
+    # 1 s: the Ctrl-C after the second checkpoint comes seconds before the fifth epoch ends.
+    pace = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    argv = [sys.executable, "-m", "stages.train"]
+    proc = subprocess.Popen(argv, cwd=ws, env=stage_env() | pace, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for(lambda: len(snapshot(s3_env).get("checkpoint_results", [])) >= 2, proc, "two checkpoints on S3")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)

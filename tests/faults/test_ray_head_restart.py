@@ -4,7 +4,8 @@ the same address.
 
 While it is down, the next stage stops within seconds with an error naming RAY_ADDRESS
 (Ray's own `ray.init` would retry for minutes); once it is back, the next stage joins it
-with the same token and gives the same result as before the restart.
+with the same token and gives the same result as the undisturbed stats stage (tiny_inputs',
+on a local Ray: the stats do not depend on where their tasks ran).
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ def test_stage_after_the_head_restarted(tiny_inputs: Path, tmp_path: Path) -> No
     ws = tmp_path / "ws"
     shutil.copytree(tiny_inputs, ws)
     stats = ws / "data/stats.json"
+    expected = stats.read_bytes()
+    stats.unlink()
     with running(tmp_path / "state", tmp_path / "cluster.env") as cluster:
-        before = stats_stage(cluster, ws)
-        assert before.returncode == 0, before.stderr[-3000:]
-        expected = stats.read_bytes()
-        stats.unlink()
-
         assert kill_node(cluster, "head")
         down = stats_stage(cluster, ws, timeout_s=180)  # without the check, ray.init retries far longer
         assert down.returncode != 0

@@ -1,5 +1,6 @@
 """The tracking server lost while the train stage runs: a real `mlflow server` (SQLite store)
-SIGKILLed once the first epoch is logged.
+SIGKILLed once the first epoch is logged. One server serves the module, each test in its own
+experiment; a test finding it down (killed by the one before) starts it again.
 
 - Back (same port, same store) while training still runs: training goes on without a worker
   restart, the epochs trained meanwhile are logged once the server answers, each exactly
@@ -66,16 +67,33 @@ class TrackingServer:
         with sqlite3.connect(self.db, timeout=30) as conn:
             return conn.execute(sql).fetchall()
 
-    def logged_steps(self) -> set[int]:
-        return {s for (s,) in self.query("SELECT step FROM metrics WHERE key = 'val_top1_error'")}
+    def in_experiment(self, experiment: str, sql: str) -> list[tuple]:
+        """`sql`'s rows over the runs of `experiment` only (as table `r`)."""
+        runs = (
+            "(SELECT runs.* FROM runs JOIN experiments USING (experiment_id) "
+            f"WHERE experiments.name = '{experiment}') AS r"
+        )
+        return self.query(sql.format(runs=runs))
+
+    def logged_steps(self, experiment: str) -> set[int]:
+        sql = "SELECT step FROM metrics JOIN {runs} USING (run_uuid) WHERE key = 'val_top1_error'"
+        return {s for (s,) in self.in_experiment(experiment, sql)}
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[TrackingServer]:
-    server = TrackingServer(tmp_path / "tracking")
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    server = TrackingServer(tmp_path_factory.mktemp("outage") / "tracking")
     server.start()
     yield server
     stop_processes([server.record])
+
+
+@pytest.fixture
+def server(module_server: TrackingServer) -> TrackingServer:
+    """The module's server, answering."""
+    if not module_server.healthy():
+        module_server.start()
+    return module_server
 
 
 def train(ws: Path, uri: str, **env: str) -> subprocess.Popen:
@@ -115,11 +133,11 @@ def checkpointed(ws: Path) -> int:
     return int(dirs[0].name.split("-")[1]) if dirs else 0
 
 
-def assert_every_epoch_logged_once(uri: str, ws: Path, epochs: int) -> None:
+def assert_every_epoch_logged_once(uri: str, ws: Path, epochs: int, experiment: str) -> None:
     """Each per-epoch metric holds steps 1..epochs once, with the values of the stage's own
-    history, and the run is FINISHED."""
+    history, and the experiment's one run is FINISHED."""
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("alexnet").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FINISHED"
     with (ws / "plots/train_history.csv").open() as f:
         history = list(csv.DictReader(f))
@@ -131,15 +149,18 @@ def assert_every_epoch_logged_once(uri: str, ws: Path, epochs: int) -> None:
 
 
 def test_training_goes_on_through_an_outage_and_logs_every_epoch_once(workspace_copy, server) -> None:
-    epochs = 40  # enough that training outlasts the server's restart (~10 s) several times over
-    ws = workspace_copy("outage", {"train": {"epochs": epochs}})
-    proc = train(ws, server.uri)
+    # Ray Train's controller polling the worker every 1 s (not the stage's 0.2 s) paces the
+    # epochs at about 1 s each: 40 epochs outlast the server's restart (~10 s) several times
+    # over. Only the report cadence changes; the epochs' work is the same.
+    epochs, experiment, pace = 40, "outage", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    ws = workspace_copy("outage", {"train": {"epochs": epochs}, "mlflow": {"experiment": experiment}})
+    proc = train(ws, server.uri, **pace)
     try:
-        wait_for(lambda: 1 in server.logged_steps(), proc, "epoch 1 in MLflow")
+        wait_for(lambda: 1 in server.logged_steps(experiment), proc, "epoch 1 in MLflow")
         server.kill()
         down_at = checkpointed(ws)
         wait_for(lambda: checkpointed(ws) >= down_at + 3, proc, "three epochs trained during the outage")
-        unlogged = set(range(1, checkpointed(ws) + 1)) - server.logged_steps()
+        unlogged = set(range(1, checkpointed(ws) + 1)) - server.logged_steps(experiment)
         assert len(unlogged) >= 3, f"epochs trained while the server was down: {sorted(unlogged)}"
         server.start()
         assert proc.poll() is None, "training ended before the server was back: raise `epochs`"
@@ -150,33 +171,35 @@ def test_training_goes_on_through_an_outage_and_logs_every_epoch_once(workspace_
     assert summary["epochs_run"] == epochs and summary["restarts"] == 0, "the outage restarted the worker"
     assert f"MLflow tracking server {server.uri} does not take metrics" in err
     assert f"MLflow tracking server {server.uri} is back: buffered epochs logged" in err
-    assert_every_epoch_logged_once(server.uri, ws, epochs)
+    assert_every_epoch_logged_once(server.uri, ws, epochs, experiment)
 
 
 def test_an_outage_at_the_end_stops_clearly_and_the_rerun_logs_the_rest(workspace_copy, server) -> None:
-    epochs = 6
-    ws = workspace_copy("outage-at-end", {"train": {"epochs": epochs}})
+    epochs, experiment = 4, "outage-at-end"
+    ws = workspace_copy("outage-at-end", {"train": {"epochs": epochs}, "mlflow": {"experiment": experiment}})
     # The driver's own MLflow calls follow MLflow's retry settings (default: ~4 min of retries).
     fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     proc = train(ws, server.uri, **fail_fast)
     try:
-        wait_for(lambda: 1 in server.logged_steps(), proc, "epoch 1 in MLflow")
+        wait_for(lambda: 1 in server.logged_steps(experiment), proc, "epoch 1 in MLflow")
         server.kill()
     finally:
         err = finish(proc)
     assert proc.returncode != 0
-    assert set(range(1, epochs + 1)) - server.logged_steps(), "every epoch was logged before the outage"
+    logged = server.logged_steps(experiment)
+    assert set(range(1, epochs + 1)) - logged, "every epoch was logged before the outage"
     # The driver cannot tell which epochs the server holds: it names them all.
     unchecked = list(range(1, epochs + 1))
     expected = f"MLflow tracking server {server.uri} does not answer: the metrics of epochs {unchecked} "
     assert expected in err, err[-5000:]
     assert checkpointed(ws) == epochs, "training did not go on through the outage"
     assert not (ws / "artifacts/model/model.pt").exists(), "outputs written for an incomplete run"
-    assert server.query("SELECT status FROM runs") == [("RUNNING",)], "the outage marked the run failed"
+    statuses = server.in_experiment(experiment, "SELECT status FROM {runs}")
+    assert statuses == [("RUNNING",)], "the outage marked the run failed"
 
     server.start()
     rerun = train(ws, server.uri, **fail_fast)
     err = finish(rerun)
     assert rerun.returncode == 0, err[-5000:]
     assert json.loads((ws / "metrics/train.json").read_text())["epochs_run"] == epochs
-    assert_every_epoch_logged_once(server.uri, ws, epochs)
+    assert_every_epoch_logged_once(server.uri, ws, epochs, experiment)
