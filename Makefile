@@ -35,9 +35,10 @@ paper: $(STAMP)
 	test -d .dvc || dvc init -q
 	$(PY) -m cli.paper $(if $(PARAMS),--params $(PARAMS))
 
-## The whole test suite (real Ray, MLflow, DVC on tiny generated data).
+## The whole test suite (real Ray, MLflow, DVC on tiny generated data), two files at a time:
+## the tests wait on servers, Ray start-ups and checkpoints for much of their time.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 ## The MLflow UI over the local store, on 127.0.0.1 only.
 # Without mlflow server's job runner: seven processes the UI of our runs never uses.

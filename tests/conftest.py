@@ -21,6 +21,19 @@ from cli.raynodes import Cluster
 from cli.services import S3Server, ServicesInfo, remove_all, start_s3, start_services, stop_services
 from pipeline.cluster import start_local_ray
 
+# Test files that start clusters in network namespaces: with `make test`'s two xdist workers,
+# they run on one worker, one file after another.
+NAMESPACE_FILES = {"test_localcluster.py", "test_cluster_pipeline.py", "test_ray_head_restart.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups the tests for pytest-xdist's `--dist loadgroup`: a file's tests run on one
+    worker, so its module fixtures (clusters, servers, trained runs) are built once, and
+    the namespace-cluster files share one worker."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("namespaces" if name in NAMESPACE_FILES else str(item.path)))
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
