@@ -38,7 +38,7 @@ paper: $(STAMP)
 ## The whole test suite (real Ray, MLflow, DVC on tiny generated data), two files at a time:
 ## the tests wait on servers, Ray start-ups and checkpoints for much of their time.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 ## The MLflow UI over the local store, on 127.0.0.1 only.
 # Without mlflow server's job runner: seven processes the UI of our runs never uses.

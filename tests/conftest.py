@@ -4,11 +4,13 @@ namespaces, per module."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +23,38 @@ from cli.raynodes import Cluster
 from cli.services import S3Server, ServicesInfo, remove_all, start_s3, start_services, stop_services
 from pipeline.cluster import start_local_ray
 
-# Test files that start clusters in network namespaces: with `make test`'s two xdist workers,
-# they run on one worker, one file after another.
+# Test files that start clusters in network namespaces. `make test` runs two files at a
+# time (pytest-xdist, --dist loadfile): these take a machine-wide lock for the whole module,
+# so their clusters, and their tests' view of the machine's namespaces, never overlap.
 NAMESPACE_FILES = {"test_localcluster.py", "test_cluster_pipeline.py", "test_ray_head_restart.py"}
+NAMESPACE_LOCK = Path(tempfile.gettempdir()) / "alexnet-namespace-tests.lock"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_namespace_module_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Holds NAMESPACE_LOCK while a NAMESPACE_FILES module runs (autouse: before its
+    cluster fixtures start anything); other modules run without it."""
+    if request.path.name not in NAMESPACE_FILES:
+        yield
+        return
+    with NAMESPACE_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+# The longest files first, so that the two workers end together instead of one running the
+# last long file alone; the namespace-cluster file among them goes first, long before the
+# other two reach the lock. Every other file, and the tests inside each file, keep their order.
+LONG_FILES = (
+    "test_cluster_pipeline.py", "test_paper.py", "test_training.py", "test_s3_training.py",
+    "test_pipeline_dvc.py", "test_cluster.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups the tests for pytest-xdist's `--dist loadgroup`: a file's tests run on one
-    worker, so its module fixtures (clusters, servers, trained runs) are built once, and
-    the namespace-cluster files share one worker."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("namespaces" if name in NAMESPACE_FILES else str(item.path)))
+    """Puts LONG_FILES' tests first (a stable sort: the order within each file stays)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
 
 
 @pytest.fixture(scope="session")
