@@ -42,6 +42,12 @@ def one_namespace_module_at_a_time(request: pytest.FixtureRequest) -> Iterator[N
         yield
 
 
+# A train stage's environment that paces its epochs at about 1 s: Ray Train's controller
+# polls the workers every 1 s instead of the stage's 0.2 s, and each report waits for a poll.
+# Only the report cadence changes; for tests whose fault must land before training ends.
+PACED_EPOCHS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+
+
 # The longest files first, so that the two workers end together instead of one running the
 # last long file alone; the namespace-cluster file among them goes first, long before the
 # other two reach the lock. Every other file, and the tests inside each file, keep their order.

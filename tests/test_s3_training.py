@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cli.services import ServicesInfo
-from tests.conftest import ROOT, run_stage, stage_env
+from tests.conftest import PACED_EPOCHS, ROOT, run_stage, stage_env
 from tests.test_training import epoch_steps, wait_for
 
 CHECKPOINTS = "alexnet/train-checkpoints"
@@ -59,11 +59,9 @@ def test_interrupted_training_resumes_on_s3_past_a_damaged_latest_checkpoint(
         },
     )
     run_stage(ws, "shard")  # the shards move to S3; stats are unchanged (same bytes)
-    # Ray Train's controller polling every 1 s (not the stage's 0.2 s) paces the epochs at about
-    # 1 s: the Ctrl-C after the second checkpoint comes seconds before the fifth epoch ends.
-    pace = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    # Paced epochs: the Ctrl-C after the second checkpoint comes seconds before the fifth ends.
     argv = [sys.executable, "-m", "stages.train"]
-    proc = subprocess.Popen(argv, cwd=ws, env=stage_env() | pace, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, cwd=ws, env=stage_env() | PACED_EPOCHS, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for(lambda: len(snapshot(s3_env).get("checkpoint_results", [])) >= 2, proc, "two checkpoints on S3")
     proc.send_signal(signal.SIGINT)

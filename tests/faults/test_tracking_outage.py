@@ -30,7 +30,7 @@ from cli.procs import ProcessRecord, spawn, stop_processes, wait_until
 from cli.services import base_env
 from pipeline.cluster import free_port
 from pipeline.train.checkpoints import checkpoint_dirs
-from tests.conftest import stage_env
+from tests.conftest import PACED_EPOCHS, stage_env
 
 
 class TrackingServer:
@@ -152,7 +152,7 @@ def test_training_goes_on_through_an_outage_and_logs_every_epoch_once(workspace_
     # Ray Train's controller polling the worker every 1 s (not the stage's 0.2 s) paces the
     # epochs at about 1 s each: 40 epochs outlast the server's restart (~10 s) several times
     # over. Only the report cadence changes; the epochs' work is the same.
-    epochs, experiment, pace = 40, "outage", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    epochs, experiment, pace = 40, "outage", PACED_EPOCHS
     ws = workspace_copy("outage", {"train": {"epochs": epochs}, "mlflow": {"experiment": experiment}})
     proc = train(ws, server.uri, **pace)
     try:
