@@ -50,9 +50,15 @@ def verify(ws: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def on_s3(s3_server: S3Server, tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny inputs (shards on disk) after a shard stage into STORE."""
-    ws = tmp_path_factory.mktemp("s3")
+    overrides = {"data": {"shard_store": STORE}}
+    return sharded_copy(tiny_inputs, tmp_path_factory.mktemp("s3"), overrides, s3_server)
+
+
+def sharded_copy(tiny_inputs: Path, ws: Path, overrides: dict, s3_server: S3Server) -> Path:
+    """`ws`: a copy of the tiny inputs with `overrides`, after a shard stage with the S3
+    server's settings (module fixtures cannot use the per-test `s3_env`)."""
     shutil.copytree(tiny_inputs, ws, dirs_exist_ok=True)
-    write_params(ws, {"data": {"shard_store": STORE}})
+    write_params(ws, overrides)
     out = subprocess.run(
         [sys.executable, "-m", "stages.shard"], cwd=ws, env=stage_env() | s3_server.env(),
         capture_output=True, text=True,
@@ -138,14 +144,8 @@ def kill_session(leader: int) -> None:
 @pytest.fixture(scope="module")
 def clean_manifest(s3_server: S3Server, tiny_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """meta.json of an undisturbed shard stage of the tiny inputs into MANY_STORE."""
-    ws = tmp_path_factory.mktemp("clean")
-    shutil.copytree(tiny_inputs, ws, dirs_exist_ok=True)
-    write_params(ws, {**MANY, "data": {"shard_store": MANY_STORE}})
-    env = stage_env() | s3_server.env()
-    argv = [sys.executable, "-m", "stages.shard"]
-    out = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return meta_json(ws)
+    overrides = {**MANY, "data": {"shard_store": MANY_STORE}}
+    return meta_json(sharded_copy(tiny_inputs, tmp_path_factory.mktemp("clean"), overrides, s3_server))
 
 
 MANY = {"shard": {"shard_size": 2}}  # 30 shard tasks: a fault lands while they write
