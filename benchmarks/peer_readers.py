@@ -195,4 +195,3 @@ def read(
         if epoch:
             passes.append([n, time.perf_counter() - start, cpu_seconds() - cpu])
     return passes
-

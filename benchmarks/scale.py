@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from benchmarks.stage_process import run_stage_process  # noqa: E402
 from pipeline.data.ilsvrc import NUM_SYNSETS  # noqa: E402
 from pipeline.data.sample import MAPPING_FILE, SOLUTION_FILE, load_synsets  # noqa: E402
 from pipeline.data.sample_archives import pack_sample  # noqa: E402
@@ -152,19 +152,10 @@ class Run:
 def run_stage(ws: Path, stage: str) -> tuple[float, float]:
     """Runs `stage` in `ws` as its own driver process; (wall seconds, driver peak RSS MiB).
     Exits with the stage's output when it fails."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)
     source = INGEST if stage == "ingest" else STAGE.format(stage=stage)
     rss_file = ws / f".rss-{stage}"
-    began = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(rss_file), source], cwd=ws, env=env, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - began
-    if out.returncode != 0:
-        sys.exit(f"stage {stage} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    print(f"  {stage}: {seconds:.1f} s  {out.stdout.strip().splitlines()[-1]}", flush=True)
+    seconds, stdout = run_stage_process([sys.executable, "-c", DRIVER, str(rss_file), source], ws, stage)
+    print(f"  {stage}: {seconds:.1f} s  {stdout.strip().splitlines()[-1]}", flush=True)
     return seconds, int(rss_file.read_text()) / 1024
 
 

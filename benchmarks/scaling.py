@@ -38,10 +38,8 @@ import csv
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -49,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from benchmarks.stage_process import run_stage_process  # noqa: E402
 from cli.localcluster import running  # noqa: E402
 from cli.raynodes import Cluster  # noqa: E402
 
@@ -65,17 +64,10 @@ def write_params(ws: Path, epochs: int, workers: int) -> None:
 def stage(ws: Path, name: str, cluster: Cluster | None) -> float:
     """Runs stage `name` in `ws` (a driver on `cluster`'s head, or on its own local Ray);
     returns its wall time in seconds. Exits with the stage's output when it fails."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)
     command = f"python -m stages.{name}"
     if cluster is not None:
         command = f"source {shlex.quote(cluster.env_file)} && {command}"
-    began = time.perf_counter()
-    out = subprocess.run(["bash", "-c", command], cwd=ws, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"stage {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return time.perf_counter() - began
+    return run_stage_process(["bash", "-c", command], ws, name)[0]
 
 
 def shard_rate(ws: Path, nodes: int) -> float:
