@@ -17,6 +17,7 @@ import requests
 
 from cli import netns
 from cli.procs import ProcessRecord, is_running, log_tail, spawn
+from pipeline.cluster import worker_pool_env
 from pipeline.storage import atomic_write_text
 
 GCS_PORT = 6379  # Ray's defaults: every node has its own namespace, so nothing else holds them
@@ -121,7 +122,8 @@ def ray_env(cluster: Cluster) -> dict[str, str]:
     RAY_ADDRESS, since code in workers that looks for "the" cluster (Ray Train's placement
     group cleaner, through the state API) would find every Ray instance on this machine; and
     gloo on each namespace's eth0: the machine's hostname resolves to 127.0.0.1, so gloo would
-    otherwise give its peers on other nodes a loopback address to connect to."""
+    otherwise give its peers on other nodes a loopback address to connect to; and the worker
+    pool's size (`pipeline.cluster.worker_pool_env`)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     services = services_env_file(Path(cluster.state_dir))
     if services.exists():  # the S3 settings of the services `up` started beside the nodes
@@ -133,6 +135,7 @@ def ray_env(cluster: Cluster) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": cluster.token_file,
         "GLOO_SOCKET_IFNAME": "eth0",
+        **worker_pool_env(cluster.cpus_per_node),
     }
 
 

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
 # Seconds to wait for the head's GCS port to accept a connection before calling it down.
 HEAD_CONNECT_TIMEOUT_S = 10.0
 
+# Worker processes a node keeps beyond its CPUs before it kills idle ones (see
+# worker_pool_env): Ray Train's controller and its workers are processes too.
+EXTRA_POOLED_WORKERS = 8
+
 
 def init_ray(state_api: bool = False) -> None:
     """Starts or joins Ray once per process.
@@ -49,8 +53,9 @@ def init_ray(state_api: bool = False) -> None:
 def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api: bool = False) -> None:
     """Starts a fresh local Ray instance in this process, never joining a running cluster.
 
-    Three settings keep Ray's console to what matters, without turning anything off that
-    this instance uses:
+    The instance keeps the worker processes its stages use (`worker_pool_env`). Three
+    settings keep Ray's console to what matters, without turning anything off that this
+    instance uses:
     - RAY_AUTH_MODE=token, unless set: what Ray 2.60 does by default for a new local
       instance, set here so Ray does not print its notice that it did.
     - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, unless set: Ray Train's watcher polls for nodes
@@ -74,7 +79,7 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api:
     """
     import ray
 
-    _set_local_defaults()
+    _set_local_defaults(num_cpus)
     port = free_port()
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
@@ -95,8 +100,31 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
-def _set_local_defaults() -> None:
-    """RAY_AUTH_MODE=token and no preemption watcher, unless set (see start_local_ray)."""
+def worker_pool_env(cpus: int) -> dict[str, str]:
+    """The environment setting with which a Ray node keeps its idle worker processes.
+
+    A raylet kills an idle worker process after a second once it has more worker
+    processes than its soft limit, by default its CPUs. Ray Train's controller and its
+    training workers are long-lived actors that count towards that limit, so on a node
+    with few CPUs the processes that ran an epoch's shard-reading tasks were killed
+    between epochs, and every epoch began by starting new ones (Python, pyarrow) while
+    the training workers waited for their first batch (README, "Two nodes against one").
+    The limit becomes the CPUs plus EXTRA_POOLED_WORKERS, unless RAY_num_workers_soft_limit
+    is set.
+
+    Args:
+        cpus: The CPUs the node offers.
+
+    Returns:
+        {"RAY_num_workers_soft_limit": ...}, for the node's environment at its start.
+    """
+    key = "RAY_num_workers_soft_limit"
+    return {key: os.environ.get(key, str(cpus + EXTRA_POOLED_WORKERS))}
+
+
+def _set_local_defaults(num_cpus: int | None) -> None:
+    """RAY_AUTH_MODE=token, no preemption watcher and the worker pool's size, unless set
+    (see start_local_ray)."""
     if "RAY_AUTH_MODE" not in os.environ:
         from ray._raylet import Config
 
@@ -104,6 +132,7 @@ def _set_local_defaults() -> None:
         # Ray caches its config at import: re-read it, as Ray does when it sets the mode itself.
         Config.initialize("")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.update(worker_pool_env(num_cpus or os.cpu_count() or 1))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

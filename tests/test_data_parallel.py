@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from models import unwrap
 from pipeline.config import ModelParams, TrainParams
-from pipeline.train.batches import step_totals
+from pipeline.train.batches import READ_CPUS, step_totals
 from pipeline.train.loop import prepare_ddp, train_epoch
 from pipeline.train.model_card import build_network
 
@@ -25,6 +29,7 @@ RECIPE = TrainParams(batch_size=8, crop=67, lr=0.05, num_workers=2, cpus_per_wor
 # as when the shares of an epoch differ: worker 1 then steps on nothing.
 PLANS = {1: [[(0, 8), (8, 12)]], 2: [[(0, 4), (8, 12)], [(4, 8)]]}
 TOTALS = step_totals([12], RECIPE.batch_size)  # [8, 4], whatever the number of workers
+IDLE_KILL_S = 1.0  # Ray's idle_worker_killing_time_threshold_ms
 
 
 def two_steps(config: dict) -> None:
@@ -95,3 +100,44 @@ def test_resource_check_counts_each_node_and_the_reads(ray_local: None) -> None:
         check_resources(TrainParams(batch_size=96, num_workers=3, cpus_per_worker=1.0))
     with pytest.raises(ValueError, match=r"room for 1 such workers"):
         check_resources(TrainParams(num_workers=2, cpus_per_worker=1.5))
+
+
+def test_the_node_keeps_its_read_tasks_processes_beside_training_actors(ray_local: None) -> None:
+    """Two zero-CPU actors (as Ray Train's controller and a worker) and four half-CPU read
+    tasks at once, each in its own process: once Ray's idle-worker timeout has passed the
+    read tasks' processes must still be there, or every epoch's shard reads start new
+    processes (`pipeline.cluster.worker_pool_env`)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def pid(self) -> int:
+            return os.getpid()
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        """Releases its callers once `n` have arrived: they run at once, in n processes."""
+
+        def __init__(self, n: int) -> None:
+            self.n, self.arrived, self.open = n, 0, asyncio.Event()
+
+        async def arrive(self) -> None:
+            self.arrived += 1
+            if self.arrived == self.n:
+                self.open.set()
+            await self.open.wait()
+
+    @ray.remote(num_cpus=READ_CPUS)
+    def reader(gate) -> int:
+        ray.get(gate.arrive.remote())
+        return os.getpid()
+
+    holders = [Holder.remote() for _ in range(2)]
+    ray.get([h.pid.remote() for h in holders])
+    reads = int(2 / READ_CPUS)  # as many as the 2-CPU node runs at once
+    gate = Gate.remote(reads)
+    pids = set(ray.get([reader.remote(gate) for _ in range(reads)]))
+    assert len(pids) == reads
+    time.sleep(IDLE_KILL_S * 3)  # what is tested is the pool once the timeout has passed
+    assert [pid for pid in pids if not psutil.pid_exists(pid)] == [], "the node killed idle read processes"
+    del holders, gate

@@ -76,7 +76,8 @@ def test_a_diverging_run_stops_early_tagged_and_unregistered_with_a_quiet_consol
     group cleaner once failed to find its own, and Ray's settings as a user's shell has them."""
     ws = workspace_copy("diverges", {"train": {"epochs": 8, "lr": 10.0}, "divergence": {"after_epochs": 2}})
     cmd = [sys.executable, "-m", "stages.train"]
-    ours = ("RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")  # ray_local set them in this process
+    # ray_local set these in this process
+    ours = ("RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_num_workers_soft_limit")
     env = {k: v for k, v in stage_env().items() if k not in ours}
     out = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 3, out.stderr[-3000:]
