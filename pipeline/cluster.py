@@ -35,7 +35,6 @@ def init_ray(state_api: bool = False) -> None:
             (see `_require_own_node`).
     """
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -46,8 +45,23 @@ def init_ray(state_api: bool = False) -> None:
             _require_own_node(address)
         else:
             start_local_ray(state_api=state_api)
-    # Per-operator bars flood DVC's log; the stages print their own progress.
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data in this process without progress bars or its per-dataset log lines.
+
+    Per-operator bars flood DVC's log, and the stages print their own progress. Ray Data's
+    start, plan and end of every dataset (INFO) and its notice that bars are off (a
+    WARNING, once per process) go; its other warnings and errors still print.
+    """
+    import logging
+
+    from ray.data import DataContext
+
     DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api: bool = False) -> None:

@@ -49,6 +49,9 @@ class RunRef:
 def connect() -> str:
     """Points this process's MLflow at the tracking URI, after checking that it answers.
 
+    MLflow's system-metrics monitor keeps its warnings but not its INFO lines (started,
+    stopping, terminated, no GPU to watch), which said nothing a person acts on.
+
     Returns:
         The tracking URI.
 
@@ -60,6 +63,7 @@ def connect() -> str:
     uri = tracking_uri()
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     return uri
 
 

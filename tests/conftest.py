@@ -78,6 +78,24 @@ def ray_local() -> Iterator[None]:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Ray's, MLflow's and our own console noise that no stage may print.
+NOISE = (
+    "TrainingReport(",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "Starting execution of Dataset",
+    "Execution plan of Dataset",
+    "Progress bars disabled",
+    "The specified dataset source can be interpreted in multiple ways",
+    "requires_grad",
+    "Token authentication is enabled for this Ray cluster",
+    "PreemptionWatcher",
+    "PlacementGroupCleaner",
+    "Failed to query Ray Train Controller actor state",
+    "Found multiple active Ray instances",
+    "Started monitoring system metrics",
+)
+
 # A tiny but complete profile: 3 classes, 72-px crops of 80-px shards, a width-1/8 paper
 # AlexNet (72 px is above the 67-px minimum of its conv/pool stack).
 TINY_PARAMS = {

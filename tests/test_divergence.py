@@ -13,24 +13,11 @@ import pytest
 
 from pipeline.config import DivergenceParams, ParamsError, parse_section
 from pipeline.train.divergence import check_epoch, check_history
-from tests.conftest import stage_env
+from tests.conftest import NOISE, stage_env
 
 P = DivergenceParams(after_epochs=3, chance_margin=0.02)
 # Ray's and MLflow's internal chatter the train stage used to print (issue 14), and the
 # requires_grad warning of converting a loss that was not detached.
-NOISE = (
-    "TrainingReport(",
-    "Reporting training result",
-    "Checkpoint successfully created",
-    "Starting execution of Dataset",
-    "The specified dataset source can be interpreted in multiple ways",
-    "requires_grad",
-    "Token authentication is enabled for this Ray cluster",
-    "PreemptionWatcher",
-    "PlacementGroupCleaner",
-    "Failed to query Ray Train Controller actor state",
-    "Found multiple active Ray instances",
-)
 CHANCE = math.log(10)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from cli.services import S3Server
 from pipeline.train.model_card import load_model
-from tests.conftest import git_project, stage_env, tiny_params
+from tests.conftest import NOISE, git_project, stage_env, tiny_params
 
 STAGES = ("sample", "shard", "stats", "train", "evaluate")
 
@@ -41,14 +41,16 @@ def ran(log: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git + DVC checkout of this project's files with the tiny params."""
-    return git_project(tmp_path_factory.mktemp("project"))
+    """A fresh git + DVC checkout of this project's files with the tiny params, MLflow's
+    system metrics on as in the profiles (its console lines are checked)."""
+    return git_project(tmp_path_factory.mktemp("project"), {"mlflow": {"system_metrics": True}})
 
 
 def test_repro_then_noop_then_experiment(project: Path) -> None:
     ws = project
     first = dvc(ws, "repro")
     assert ran(first) == set(STAGES)
+    assert [line for line in NOISE if line in first] == []
     for path in (
         "data/shards/meta.json",
         "data/stats.json",

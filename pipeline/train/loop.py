@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from models import unwrap
-from pipeline.cluster import node_cpus
+from pipeline.cluster import node_cpus, quiet_ray_data
 from pipeline.config import DivergenceParams, ModelParams, TrainParams
 from pipeline.data.shards import ShardMeta
 from pipeline.data.stats import ColorStats
@@ -350,19 +350,16 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     """
     import ray.train
     import ray.train.torch
-    from ray.data import DataContext
+    from ray.train.v2._internal.execution import context as train_context
 
     from pipeline.tracking import EpochLogger
 
     cfg = config["worker"]
     ctx = ray.train.get_context()
-    DataContext.get_current().enable_progress_bars = False  # the stage prints one line per epoch
-    # Ray Data's start/plan/end of each epoch's datasets, and Ray Train's whole TrainingReport
-    # per epoch: Ray 2.60 logs that one under the module's file path, outside `ray.train`,
-    # so RunConfig's LoggingConfig (which quiets the controller) does not reach it.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_data()  # each epoch's datasets; the stage prints one line per epoch
+    # Ray Train's whole TrainingReport per epoch: Ray 2.60 logs it under the module's file
+    # path, outside `ray.train`, so RunConfig's LoggingConfig (which quiets the controller)
+    # does not reach it.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     # Every CPU of this node's share, not just the CPUs reserved from Ray: the reservation
     # must leave CPUs for the Ray Data tasks that feed the workers.
