@@ -78,7 +78,8 @@ def ray_local() -> Iterator[None]:
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray's, MLflow's and our own console noise that no stage may print.
+# Console noise that no stage may print: Ray's and MLflow's internal chatter, and the
+# requires_grad warning of converting a loss that was not detached (our own cause).
 NOISE = (
     "TrainingReport(",
     "Reporting training result",

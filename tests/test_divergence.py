@@ -16,8 +16,6 @@ from pipeline.train.divergence import check_epoch, check_history
 from tests.conftest import NOISE, stage_env
 
 P = DivergenceParams(after_epochs=3, chance_margin=0.02)
-# Ray's and MLflow's internal chatter the train stage used to print (issue 14), and the
-# requires_grad warning of converting a loss that was not detached.
 CHANCE = math.log(10)
 
 
