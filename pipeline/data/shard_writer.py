@@ -319,8 +319,7 @@ def _write_shard(job: _ShardJob) -> dict:
     """Ray task body: preprocess one shard's records, write its files atomically."""
     kept: list[tuple[Record, Processed]] = []
     quarantine = []
-    preprocess = functools.partial(_preprocess_record, size=job.size, quality=job.quality)
-    for rec, result in _task_threads().map(preprocess, job.records):  # results in record order
+    for rec, result in _preprocess_records(job.records, job.size, job.quality):
         if isinstance(result, Processed):
             kept.append((rec, result))
         else:
@@ -345,6 +344,26 @@ def _write_shard(job: _ShardJob) -> dict:
         "quarantine": quarantine,
         "node": ray.get_runtime_context().get_node_id(),  # where the work ran, for the stage metrics
     }
+
+
+def _preprocess_records(
+    records: list[Record], size: int, quality: int
+) -> list[tuple[Record, Processed | str]]:
+    """Every record's stored image or quarantine reason, in record order, on TASK_THREADS.
+
+    Each thread loops over every TASK_THREADS-th record: one hand-over between threads
+    per thread and shard, where a future per image woke the task's thread (and passed
+    the GIL) for every image.
+    """
+
+    def run(part: list[Record]) -> list[tuple[Record, Processed | str]]:
+        return [_preprocess_record(rec, size, quality) for rec in part]
+
+    parts = [_task_threads().submit(run, records[i::TASK_THREADS]) for i in range(TASK_THREADS)]
+    results: list[tuple[Record, Processed | str]] = [None] * len(records)  # type: ignore[list-item]
+    for i, part in enumerate(parts):
+        results[i::TASK_THREADS] = part.result()
+    return results
 
 
 def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Processed | str]:
