@@ -16,6 +16,8 @@ from test_imagenet import make_imagenet
 from pipeline.config import ShardParams
 from pipeline.data.imagenet import ingest_imagenet
 from pipeline.data.preprocess import Processed, preprocess_image
+from pipeline.data.records import Record
+from pipeline.data.shard_encoding import encode
 from pipeline.data.shard_writer import write_shards
 from pipeline.data.shards import SCHEMA, ShardMeta
 
@@ -87,10 +89,33 @@ def test_our_tars_are_what_tarfile_writes(shards: tuple[Path, dict]) -> None:
     for path in tars:
         with tarfile.open(path) as tar:
             members = [(m.name, tar.extractfile(m).read()) for m in tar]
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as ref:
-            for name, payload in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                ref.addfile(info, io.BytesIO(payload))
-        assert Path(path).read_bytes() == buf.getvalue()
+        assert Path(path).read_bytes() == _tarfile_bytes(members)
+
+
+def test_our_tar_headers_are_tarfiles_for_long_and_non_ascii_keys() -> None:
+    # Short ASCII names get a header built by hand; longer or non-ASCII ones need PAX
+    # extended headers, which must come out as tarfile writes them too.
+    keys = ["n01440764_10026", "k" * 95, "k" * 96, "k" * 200, "caf\u00e9_1", "\u732b_2"]
+    payload = b"\xff\xd8" + bytes(range(256)) * 3
+    kept = [
+        (Record("train", f"/x/{k}.JPEG", i, "n0", k), Processed(payload, 4, 4, 4, 4))
+        for i, k in enumerate(keys)
+    ]
+    [ours] = encode("webdataset", kept)
+    members = [
+        (f"{k}.{ext}", data)
+        for i, k in enumerate(keys)
+        for ext, data in (("jpg", payload), ("cls", str(i).encode()))
+    ]
+    assert bytes(ours) == _tarfile_bytes(members)
+
+
+def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """What tarfile.open(mode="w") writes for these (name, payload) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as ref:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            ref.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()

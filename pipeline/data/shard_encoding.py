@@ -48,27 +48,58 @@ def _parquet_bytes(kept: list[tuple[Record, Processed]]) -> list[memoryview]:
     return [memoryview(buf.getvalue())]  # pyarrow's buffer itself, not a bytes copy of it
 
 
-def _tar_chunks(kept: list[tuple[Record, Processed]]) -> list[bytes]:
-    """One WebDataset tar, <key>.jpg then <key>.cls (ascii label) per kept image, in pieces.
+def _tar_bytes(kept: list[tuple[Record, Processed]]) -> list[bytearray]:
+    """One WebDataset tar, <key>.jpg then <key>.cls (ascii label) per kept image, in one piece.
 
     Exactly the bytes `tarfile.open(mode="w")` writes for these members (TarInfo
     defaults: mtime 0, uid/gid 0, no user names, so reproducible), without its per-member
-    file objects: each member is its header, its payload and zeros to the next 512-byte
-    block; the archive ends with two zero blocks, padded to tarfile's 10240-byte record.
+    objects: each member is its header, its payload and zeros to the next 512-byte block;
+    the archive ends with two zero blocks, padded to tarfile's 10240-byte record. One
+    buffer, so the file is hashed and written in one call each rather than per piece.
     """
-    chunks: list[bytes] = []
+    out = bytearray()
     for rec, p in kept:
         for name, payload in ((f"{rec.key}.jpg", p.jpeg), (f"{rec.key}.cls", str(rec.label).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            chunks += [info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"), payload]
-            chunks.append(bytes(-len(payload) % tarfile.BLOCKSIZE))
+            out += _tar_header(name, len(payload))
+            out += payload
+            out += bytes(-len(payload) % tarfile.BLOCKSIZE)
     end = 2 * tarfile.BLOCKSIZE
-    chunks.append(bytes(end + -(sum(map(len, chunks)) + end) % tarfile.RECORDSIZE))
-    return chunks
+    out += bytes(end + -(len(out) + end) % tarfile.RECORDSIZE)
+    return [out]
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular member `name` of `size` bytes.
+
+    tarfile's default (PAX) format writes a plain ustar header for a short ASCII name and
+    a size below 8 GiB; anything else needs its extended header, which tarfile then makes.
+    """
+    encoded = name.encode("ascii", "replace")
+    if len(encoded) >= tarfile.LENGTH_NAME or not name.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        return info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+    header = bytearray(_USTAR_TEMPLATE)
+    header[: len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    # The checksum: the sum of the header's bytes with its own field read as spaces
+    # (which the template holds), as six octal digits, NUL, space.
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _ustar_template() -> bytes:
+    """tarfile's header of an empty regular member with an empty name: every field but the
+    name, the size and the checksum, which `_tar_header` fills in (checksum as spaces)."""
+    header = bytearray(tarfile.TarInfo("").tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    header[148:156] = b" " * 8
+    return bytes(header)
+
+
+_USTAR_TEMPLATE = _ustar_template()
 
 
 _ENCODERS: dict[str, Callable[[list[tuple[Record, Processed]]], list]] = {
     "parquet": _parquet_bytes,
-    "webdataset": _tar_chunks,
+    "webdataset": _tar_bytes,
 }
