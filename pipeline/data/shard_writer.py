@@ -25,8 +25,11 @@ interrupted run are never listed, and the previous meta.json keeps pointing at i
 files, which stay readable. Nothing is deleted from the store (other clones or
 experiments may list those files).
 
-Parallelism: one Ray task per shard (reads its files, preprocesses them on two threads,
-writes its Parquet part and tar, returns counts and quarantine rows); the driver keeps at most
+Parallelism: one Ray task per shard (reads and preprocesses its files, writes its Parquet
+part and tar, returns counts and quarantine rows); the tasks of the last wave, one per
+cluster CPU, preprocess on TAIL_THREADS threads, so that cores whose tasks are done help
+the last ones finish instead of idling (earlier tasks keep one thread: a second one costs
+CPU time in handing over the GIL); the driver keeps at most
 `max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
 number of images. Plain tasks rather than Ray Data's read/map/write: the README's
 benchmark section has the measurement.
@@ -68,7 +71,7 @@ from pipeline.storage import (
 )
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
-TASK_THREADS = 2  # per shard task (see _task_threads)
+TAIL_THREADS = 2  # per shard task of the last wave (module docstring, "Parallelism")
 QUARANTINE_HEADER = ("split", "path", "reason")
 
 
@@ -88,6 +91,7 @@ class _ShardJob:
     formats: tuple[str, ...]
     size: int
     quality: int
+    threads: int  # preprocessing threads: 1, or TAIL_THREADS in the last wave
 
     def file(self, fmt: str, sha256: str) -> str:
         """Path or URI of this job's `fmt` file, whose content has `sha256`."""
@@ -162,11 +166,15 @@ def write_shards(
     staging = _fresh_staging(out, () if store else formats)
     plan = plan_shards(records, settings.shard_size, settings.seed)
     target = absolute(store) if store else str(staging)
+    shards = [(split, i, recs) for split in SPLITS for i, recs in enumerate(plan[split])]
+    last_wave = len(shards) - cluster_cpus()
     jobs = [
-        _ShardJob(split, i, recs, target, bool(store), formats, settings.size, settings.quality)
-        for split in SPLITS
-        for i, recs in enumerate(plan[split])
-    ]
+        _ShardJob(
+            split, i, recs, target, bool(store), formats, settings.size, settings.quality,
+            threads=TAIL_THREADS if n >= last_wave else 1,
+        )
+        for n, (split, i, recs) in enumerate(shards)
+    ]  # fmt: skip
     start = time.perf_counter()
     results = _run_jobs(jobs, max_in_flight, progress)
     metrics, bad_rows = _summarise(plan, results, time.perf_counter() - start, quarantined)
@@ -319,7 +327,7 @@ def _write_shard(job: _ShardJob) -> dict:
     """Ray task body: preprocess one shard's records, write its files atomically."""
     kept: list[tuple[Record, Processed]] = []
     quarantine = []
-    for rec, result in _preprocess_records(job.records, job.size, job.quality):
+    for rec, result in _preprocess_records(job.records, job.size, job.quality, job.threads):
         if isinstance(result, Processed):
             kept.append((rec, result))
         else:
@@ -347,22 +355,24 @@ def _write_shard(job: _ShardJob) -> dict:
 
 
 def _preprocess_records(
-    records: list[Record], size: int, quality: int
+    records: list[Record], size: int, quality: int, threads: int
 ) -> list[tuple[Record, Processed | str]]:
-    """Every record's stored image or quarantine reason, in record order, on TASK_THREADS.
+    """Every record's stored image or quarantine reason, in record order.
 
-    Each thread loops over every TASK_THREADS-th record: one hand-over between threads
-    per thread and shard, where a future per image woke the task's thread (and passed
-    the GIL) for every image.
+    With more than one thread, each thread loops over every `threads`-th record: one
+    hand-over between threads per thread and shard, where a future per image woke the
+    task's thread (and passed the GIL) for every image.
     """
 
     def run(part: list[Record]) -> list[tuple[Record, Processed | str]]:
         return [_preprocess_record(rec, size, quality) for rec in part]
 
-    parts = [_task_threads().submit(run, records[i::TASK_THREADS]) for i in range(TASK_THREADS)]
+    if threads == 1:
+        return run(records)
+    parts = [_task_threads().submit(run, records[i::threads]) for i in range(threads)]
     results: list[tuple[Record, Processed | str]] = [None] * len(records)  # type: ignore[list-item]
     for i, part in enumerate(parts):
-        results[i::TASK_THREADS] = part.result()
+        results[i::threads] = part.result()
     return results
 
 
@@ -378,14 +388,12 @@ def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Pr
 
 @functools.cache
 def _task_threads() -> ThreadPoolExecutor:
-    """This worker process's preprocessing threads (TASK_THREADS), made once.
+    """This worker process's preprocessing threads (TAIL_THREADS), made once.
 
-    `preprocess_image` releases the GIL (libjpeg-turbo, torch), so a shard task's second
-    thread takes up whatever CPU time its worker would otherwise leave idle: while the
-    other worker serialises and writes a shard or waits for its next task, and at the
-    end, when the last task runs alone on a node that has a free core.
+    `preprocess_image` releases the GIL (libjpeg-turbo, torch), so a last-wave task's
+    threads run on as many cores as its node has free once the other tasks are done.
     """
-    return ThreadPoolExecutor(TASK_THREADS, thread_name_prefix="preprocess")
+    return ThreadPoolExecutor(TAIL_THREADS, thread_name_prefix="preprocess")
 
 
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:
