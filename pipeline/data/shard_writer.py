@@ -26,12 +26,11 @@ files, which stay readable. Nothing is deleted from the store (other clones or
 experiments may list those files).
 
 Parallelism: one Ray task per shard (reads and preprocesses its files, writes its Parquet
-part and tar, returns counts and quarantine rows); the tasks of the last wave, one per
-cluster CPU, preprocess on TAIL_THREADS threads, so that cores whose tasks are done help
-the last ones finish instead of idling (earlier tasks keep one thread: a second one costs
-CPU time in handing over the GIL); the driver keeps at most
-`max_in_flight` tasks pending, so memory is bounded by shards in flight, not by the
-number of images. Plain tasks rather than Ray Data's read/map/write: the README's
+part and tar, returns counts and quarantine rows); the last wave's tasks (one per cluster
+CPU) preprocess on TAIL_THREADS threads, so cores whose tasks are done help the last ones
+finish (the others keep one: a second thread costs CPU in handing over the GIL); the
+driver keeps at most `max_in_flight` tasks pending, so memory is bounded by shards in
+flight, not by the number of images. Plain tasks rather than Ray Data's read/map/write: the README's
 benchmark section has the measurement.
 """
 
@@ -359,9 +358,8 @@ def _preprocess_records(
 ) -> list[tuple[Record, Processed | str]]:
     """Every record's stored image or quarantine reason, in record order.
 
-    With more than one thread, each thread loops over every `threads`-th record: one
-    hand-over between threads per thread and shard, where a future per image woke the
-    task's thread (and passed the GIL) for every image.
+    With more threads, each loops over every `threads`-th record: a future per image
+    would wake the task's thread (and pass the GIL) for every image.
     """
 
     def run(part: list[Record]) -> list[tuple[Record, Processed | str]]:
@@ -388,11 +386,8 @@ def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Pr
 
 @functools.cache
 def _task_threads() -> ThreadPoolExecutor:
-    """This worker process's preprocessing threads (TAIL_THREADS), made once.
-
-    `preprocess_image` releases the GIL (libjpeg-turbo, torch), so a last-wave task's
-    threads run on as many cores as its node has free once the other tasks are done.
-    """
+    """This worker process's TAIL_THREADS preprocessing threads, made once
+    (`preprocess_image` releases the GIL in libjpeg-turbo and torch)."""
     return ThreadPoolExecutor(TAIL_THREADS, thread_name_prefix="preprocess")
 
 
