@@ -69,18 +69,16 @@ def _tar_bytes(kept: list[tuple[Record, Processed]]) -> list[bytearray]:
 
 
 def _tar_header(name: str, size: int) -> bytes:
-    """The 512-byte header tarfile writes for a regular member `name` of `size` bytes.
+    """The header tarfile writes for a regular member `name` of `size` bytes.
 
-    tarfile's default (PAX) format writes a plain ustar header for a short ASCII name and
-    a size below 8 GiB; anything else needs its extended header, which tarfile then makes.
+    tarfile's default (PAX) format writes a plain 512-byte ustar header for a short ASCII
+    name and a size below 8 GiB, filled in here; anything else needs its extended header,
+    which tarfile itself then makes.
     """
-    encoded = name.encode("ascii", "replace")
-    if len(encoded) >= tarfile.LENGTH_NAME or not name.isascii() or size >= 8**11:
-        info = tarfile.TarInfo(name)
-        info.size = size
-        return info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+    if not name.isascii() or len(name) >= tarfile.LENGTH_NAME or size >= 8**11:
+        return _tarfile_header(name, size)
     header = bytearray(_USTAR_TEMPLATE)
-    header[: len(encoded)] = encoded
+    header[: len(name)] = name.encode("ascii")
     header[124:136] = b"%011o\0" % size
     # The checksum: the sum of the header's bytes with its own field read as spaces
     # (which the template holds), as six octal digits, NUL, space.
@@ -88,10 +86,17 @@ def _tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def _tarfile_header(name: str, size: int) -> bytes:
+    """tarfile's own header (with any extended header) for a regular member."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
 def _ustar_template() -> bytes:
-    """tarfile's header of an empty regular member with an empty name: every field but the
-    name, the size and the checksum, which `_tar_header` fills in (checksum as spaces)."""
-    header = bytearray(tarfile.TarInfo("").tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    """tarfile's header of an empty member with an empty name, its checksum field as
+    spaces: every field but those `_tar_header` fills in (name, size, checksum)."""
+    header = bytearray(_tarfile_header("", 0))
     header[148:156] = b" " * 8
     return bytes(header)
 

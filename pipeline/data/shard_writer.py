@@ -30,8 +30,8 @@ part and tar, returns counts and quarantine rows); the last wave's tasks (one pe
 CPU) preprocess on TAIL_THREADS threads, so cores whose tasks are done help the last ones
 finish (the others keep one: a second thread costs CPU in handing over the GIL); the
 driver keeps at most `max_in_flight` tasks pending, so memory is bounded by shards in
-flight, not by the number of images. Plain tasks rather than Ray Data's read/map/write: the README's
-benchmark section has the measurement.
+flight, not by the number of images. Plain tasks rather than Ray Data's read/map/write:
+the README's benchmark section has the measurement.
 """
 
 from __future__ import annotations
