@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.peers_env import cpu_seconds, peers_python, run_peer  # noqa: E402
 from benchmarks.preprocess import build_corpus  # noqa: E402
-from benchmarks.rounds import Run, load, report, run_rounds  # noqa: E402
+from benchmarks.rounds import Run, best_rate, load, report, run_rounds  # noqa: E402
 from pipeline.cluster import start_local_ray  # noqa: E402
 from pipeline.config import ShardParams, load_params  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         f"fastest peer: {fastest}; {len(records)} images at {profile.size} px, {profile.shard_size} per "
         f"shard of ours, {args.workers} workers, start-up not counted"
     )
-    best = {name: max(r.rate for r in rs) for name, rs in runs.items()}
-    print(f"write_both_formats_vs_best_peer: {best[BOTH] / best[fastest]:.2f}")
+    print(f"write_both_formats_vs_best_peer: {best_rate(runs[BOTH]) / best_rate(runs[fastest]):.2f}")
     print(f"write_vs_best_peer: {ratio:.2f}")
 
 

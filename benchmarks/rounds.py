@@ -51,13 +51,18 @@ def run_rounds(paths: dict[str, Callable[[], list[Run]]], rounds: int) -> dict[s
     return runs
 
 
+def best_rate(runs: list[Run]) -> float:
+    """A path's best images/s over its runs (the one the other users' load slowed least)."""
+    return max(r.rate for r in runs)
+
+
 def report(runs: dict[str, list[Run]], ours: str, peers: list[str]) -> tuple[str, float]:
     """Prints each path's best images/s and median CPU per image.
 
     Returns:
         The fastest peer (best images/s) and ours' best images/s over that peer's.
     """
-    best = {name: max(r.rate for r in rs) for name, rs in runs.items()}
+    best = {name: best_rate(rs) for name, rs in runs.items()}
     for name, rs in runs.items():
         cpu = statistics.median(r.cpu_ms for r in rs)
         shown = ", ".join(f"{r.rate:.0f}" for r in rs)
