@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,7 +96,7 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api:
     import ray
 
     _set_local_defaults(num_cpus)
-    port = free_port()
+    port, dashboard = _ports_ray_leaves_alone(2)
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
@@ -102,10 +104,12 @@ def start_local_ray(num_cpus: int | None = None, quiet: bool = False, state_api:
             address="local",
             num_cpus=num_cpus,
             include_dashboard=state_api,
-            dashboard_port=free_port() if state_api else None,
+            dashboard_port=dashboard if state_api else None,
             configure_logging=not quiet,
             log_to_driver=not quiet,
-            runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+            # Only with the State API: any job runtime_env keeps the job's tasks off the
+            # worker processes Ray prestarts, so that Ray starts more of them.
+            runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}} if state_api else None,
         )
     finally:
         if previous is None:
@@ -154,6 +158,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ports_ray_leaves_alone(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports nothing listens on at `host` now, which Ray will not pick itself.
+
+    Ray picks its other components' ports as free_port does (the kernel's pick from its
+    ephemeral range) and its workers' from 10002-19999, and refuses to start when a port
+    handed to it equals one of those ("Ray component dashboard is trying to use a port
+    number ... used by other components"). These come from between the two.
+    """
+    first_ephemeral = 32768
+    proc_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if proc_range.exists():
+        first_ephemeral = int(proc_range.read_text().split()[0])
+    candidates = random.sample(range(20000, first_ephemeral), k=min(200, first_ephemeral - 20000))
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports on {host} between 20000 and {first_ephemeral}")
 
 
 def cluster_cpus() -> int:

@@ -143,7 +143,7 @@ def write_shards(
             seed, bad-file limit (`source` is the caller's business).
         quarantined: Inputs ingestion already quarantined (`Catalog.quarantine`):
             reported and counted as inputs with the shard tasks' own.
-        max_in_flight: Most shard tasks pending at once; default twice the cluster CPUs.
+        max_in_flight: Most shard tasks pending at once; default the cluster's CPUs.
         progress: Show a tqdm bar (images, images/s).
         store: Where the shard files go ("": inside `out_dir`; else an object-store
             prefix or a folder, see the module docstring). `out_dir` then gets only
@@ -287,23 +287,24 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
 
     Every shard file and folder is on disk (fsynced) when this returns.
     """
-    if max_in_flight is None:
-        max_in_flight = 2 * cluster_cpus()
     remote = ray.remote(_write_shard)
-    placement = spread_over_nodes(len(jobs))  # every node its share, by its CPUs
+    # One slot per task in flight, dealt out to the nodes by their CPUs; a finished task's
+    # slot takes the next job, so a node gets work as it frees a core.
+    free_slots = collections.deque(spread_over_nodes(max_in_flight or cluster_cpus()))
     results: list[dict | None] = [None] * len(jobs)
-    pending: dict[ray.ObjectRef, int] = {}
+    pending: dict[ray.ObjectRef, tuple[int, object]] = {}  # -> (job index, its slot)
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
     next_job = 0
     with ThreadPoolExecutor(1, thread_name_prefix="fsync") as syncer:
         synced = []
         while next_job < len(jobs) or pending:
-            while next_job < len(jobs) and len(pending) < max_in_flight:
-                task = remote.options(scheduling_strategy=placement[next_job])
-                pending[task.remote(jobs[next_job])] = next_job
+            while next_job < len(jobs) and free_slots:
+                slot = free_slots.popleft()
+                pending[remote.options(scheduling_strategy=slot).remote(jobs[next_job])] = (next_job, slot)
                 next_job += 1
             [done], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done)
+            i, slot = pending.pop(done)
+            free_slots.append(slot)
             results[i] = ray.get(done)
             if not is_remote(jobs[i].target):  # an object is durable once its upload completed
                 synced.append(syncer.submit(sync_paths, _written(jobs[i], results[i])))
