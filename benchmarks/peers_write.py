@@ -21,7 +21,8 @@ writer's processes are up with torch imported (our Ray workers warmed by `warm_w
 as the stage does while it lists the input tree; MosaicML's pool after a no-op task;
 litdata forks its workers inside `optimize()`, inheriting the imports, in milliseconds)
 and stops when the whole output is on disk (ours: meta.json written and the folder
-swapped in; litdata: `optimize()` returned; MosaicML: the merged index written).
+swapped in; litdata: `optimize()` returned; MosaicML: the merged index written). Each
+writer's output of the previous round is deleted before its clock starts.
 
 Other users share the cores, so the paths run in --rounds rounds, each in a rotated order,
 and each path's best round counts (benchmarks/rounds.py); every run also reports the CPU
@@ -65,8 +66,9 @@ PEERS = {"litdata_write": "litdata optimize()", "mds_write": "mds MDSWriter + me
 
 
 def ours(records: list[Record], out: Path, classes: list[str], settings: ShardParams) -> list[Run]:
-    """One run of the shard stage's writer (workers warmed first, untimed)."""
+    """One run of the shard stage's writer (workers warmed, the last round's output deleted; untimed)."""
     ray.get(warm_workers())
+    shutil.rmtree(out, ignore_errors=True)  # as the peers' runs do theirs
     cpu, start = cpu_seconds(), time.perf_counter()
     write_shards(records, out, classes=classes, settings=settings, progress=False)
     run = Run(len(records), time.perf_counter() - start, cpu_seconds() - cpu)
