@@ -166,13 +166,14 @@ def _ports_ray_leaves_alone(count: int, host: str = "127.0.0.1") -> list[int]:
     Ray picks its other components' ports as free_port does (the kernel's pick from its
     ephemeral range) and its workers' from 10002-19999, and refuses to start when a port
     handed to it equals one of those ("Ray component dashboard is trying to use a port
-    number ... used by other components"). These come from between the two.
+    number ... used by other components"). These come from between the two (where the
+    ephemeral range starts below 21000, from Linux's default gap, 20000-32767).
     """
     first_ephemeral = 32768
     proc_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    if proc_range.exists():
+    if proc_range.exists() and int(proc_range.read_text().split()[0]) >= 21000:
         first_ephemeral = int(proc_range.read_text().split()[0])
-    candidates = random.sample(range(20000, first_ephemeral), k=min(200, first_ephemeral - 20000))
+    candidates = random.sample(range(20000, first_ephemeral), k=200)
     ports: list[int] = []
     for port in candidates:
         with socket.socket() as s:

@@ -341,6 +341,20 @@ def test_warm_workers_reaches_every_cpu(ray_local: None) -> None:
     assert ray.get(refs) == [None] * len(refs)
 
 
+def test_local_ray_gets_ports_ray_never_picks_itself(ray_local: None) -> None:
+    """start_local_ray's GCS and dashboard ports lie outside Ray's workers' 10002-19999 and
+    the kernel's ephemeral range, where Ray picks its other components' ports: Ray refused
+    to start when one of those equalled a port handed to it."""
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    gcs = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    dashboard = int(get_dashboard_url().rsplit(":", 1)[1])
+    assert gcs != dashboard
+    assert all(20000 <= port < first_ephemeral for port in (gcs, dashboard)), (gcs, dashboard)
+
+
 def test_read_shards_through_file_uri(sharded: tuple[Path, Path, dict]) -> None:
     _, out, metrics = sharded
     ds = read_shards(f"file://{out}", "val", fmt="webdataset", decode=False)
