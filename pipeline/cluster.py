@@ -169,10 +169,10 @@ def _ports_ray_leaves_alone(count: int, host: str = "127.0.0.1") -> list[int]:
     number ... used by other components"). These come from between the two (where the
     ephemeral range starts below 21000, from Linux's default gap, 20000-32767).
     """
-    first_ephemeral = 32768
     proc_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    if proc_range.exists() and int(proc_range.read_text().split()[0]) >= 21000:
-        first_ephemeral = int(proc_range.read_text().split()[0])
+    first_ephemeral = int(proc_range.read_text().split()[0]) if proc_range.exists() else 32768
+    if first_ephemeral < 21000:
+        first_ephemeral = 32768
     candidates = random.sample(range(20000, first_ephemeral), k=200)
     ports: list[int] = []
     for port in candidates:
