@@ -166,7 +166,8 @@ def write_shards(
     plan = plan_shards(records, settings.shard_size, settings.seed)
     target = absolute(store) if store else str(staging)
     shards = [(split, i, recs) for split in SPLITS for i, recs in enumerate(plan[split])]
-    last_wave = len(shards) - cluster_cpus()
+    cpus = cluster_cpus()
+    last_wave = len(shards) - cpus
     jobs = [
         _ShardJob(
             split, i, recs, target, bool(store), formats, settings.size, settings.quality,
@@ -175,7 +176,7 @@ def write_shards(
         for n, (split, i, recs) in enumerate(shards)
     ]  # fmt: skip
     start = time.perf_counter()
-    results = _run_jobs(jobs, max_in_flight, progress)
+    results = _run_jobs(jobs, max_in_flight or cpus, progress)
     metrics, bad_rows = _summarise(plan, results, time.perf_counter() - start, quarantined)
     _write_quarantine(staging / QUARANTINE, bad_rows)
     if metrics["bad_fraction"] > settings.max_bad_fraction:
@@ -282,7 +283,7 @@ def _loaded() -> None:
     encode("parquet", [])
 
 
-def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) -> list[dict]:
+def _run_jobs(jobs: list[_ShardJob], max_in_flight: int, progress: bool) -> list[dict]:
     """Runs one Ray task per job, at most `max_in_flight` pending; results in job order.
 
     Every shard file and folder is on disk (fsynced) when this returns.
@@ -290,7 +291,7 @@ def _run_jobs(jobs: list[_ShardJob], max_in_flight: int | None, progress: bool) 
     remote = ray.remote(_write_shard)
     # One slot per task in flight, dealt out to the nodes by their CPUs; a finished task's
     # slot takes the next job, so a node gets work as it frees a core.
-    free_slots = collections.deque(spread_over_nodes(max_in_flight or cluster_cpus()))
+    free_slots = collections.deque(spread_over_nodes(max_in_flight))
     results: list[dict | None] = [None] * len(jobs)
     pending: dict[ray.ObjectRef, tuple[int, object]] = {}  # -> (job index, its slot)
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
