@@ -4,6 +4,7 @@ returns wrong bytes)."""
 
 from __future__ import annotations
 
+import pickle
 import tarfile
 import zipfile
 from pathlib import Path
@@ -34,6 +35,16 @@ def test_damaged_zip_entry_is_unreadable_not_wrong(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))  # same size: only the CRC or the deflate stream can tell
     with pytest.raises(OSError, match=r"zip entry at byte \d+: (bad deflate stream|CRC-32 mismatch)"):
         read_record(ingest_imagenet(str(path)).records[0])
+
+
+def test_archive_records_pickle_whole(tmp_path: Path) -> None:
+    """A shard task gets its records pickled (pipeline.data.pickling): every field of a
+    Record, its Location and ZipCoding comes back, and the copy reads the same bytes."""
+    path = pack_kaggle(make_imagenet(tmp_path / "tree", "devkit"), tmp_path / KAGGLE_ZIP)
+    records = ingest_imagenet(str(path)).records
+    copies = pickle.loads(pickle.dumps(records, protocol=5))
+    assert copies == records and all(c.location.zip is not None for c in copies)
+    assert [read_record(c) for c in copies[:3]] == [read_record(r) for r in records[:3]]
 
 
 def _listing(data: bytes, tmp_path: Path) -> TarListing:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.data.pickling import pickled_by_fields
 from pipeline.storage import absolute, resolve
 
 ZIP_STORED, ZIP_DEFLATED = 0, 8
@@ -54,6 +55,7 @@ class ArchiveFile:
     mtime_ns: int | None
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class ZipCoding:
     """How a zip entry's bytes are stored.
@@ -69,6 +71,7 @@ class ZipCoding:
     file_size: int
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where one input's bytes lie inside an archive.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.data.archive_io import Location, read_member
+from pipeline.data.pickling import pickled_by_fields
 from pipeline.storage import read_bytes
 
 SPLITS = ("train", "val")
@@ -15,6 +16,7 @@ SPLITS = ("train", "val")
 QuarantineRow = tuple[str, str, str]  # (split, path, reason): a row of quarantine.csv
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Record:
     """One input image.
