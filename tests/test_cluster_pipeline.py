@@ -274,7 +274,7 @@ def test_shard_stage_survives_a_killed_worker_node(cluster: Cluster, project: Pa
         sourced(cluster, "python -m stages.shard"), cwd=tmp_path, env=stage_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_for(lambda: running_task(worker, "_write_shard"), proc, "a shard task on the worker", timeout=600)
+    wait_for(lambda: running_task(worker, "write_shard"), proc, "a shard task on the worker", timeout=600)
     kill_node(cluster, worker.name)
     _, err = proc.communicate(timeout=1200)
     assert proc.returncode == 0, err[-3000:]
@@ -285,7 +285,7 @@ def test_shard_stage_survives_a_killed_worker_node(cluster: Cluster, project: Pa
     assert sum(metrics["shards_per_node"].values()) == 8
     # The task the node was running was lost and ran again elsewhere.
     retried = _dashboard(cluster, "tasks", {"filter_keys": "name", "filter_predicates": "=",
-                                            "filter_values": "_write_shard"})  # fmt: skip
+                                            "filter_values": "write_shard"})  # fmt: skip
     again = [t for t in retried if t["attempt_number"] > 0 and t["state"] == "FINISHED"]
     assert again and all(t["node_id"] != killed_id for t in again), retried
 

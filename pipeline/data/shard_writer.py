@@ -25,28 +25,25 @@ interrupted run are never listed, and the previous meta.json keeps pointing at i
 files, which stay readable. Nothing is deleted from the store (other clones or
 experiments may list those files).
 
-Parallelism: one Ray task per shard (reads and preprocesses its files, writes its Parquet
-part and tar, returns counts and quarantine rows); the last wave's tasks (one per cluster
-CPU) preprocess on TAIL_THREADS threads, so cores whose tasks are done help the last ones
-finish (the others keep one: a second thread costs CPU in handing over the GIL); the
-driver keeps at most `max_in_flight` tasks pending, so memory is bounded by shards in
-flight, not by the number of images. Plain tasks rather than Ray Data's read/map/write:
-the README's benchmark section has the measurement.
+Parallelism: one Ray task per shard (`shard_task.write_shard`: reads and preprocesses its
+files, writes its Parquet part and tar, reports counts and quarantine rows); the last
+wave's tasks (one per cluster CPU) preprocess on TAIL_THREADS threads, so cores whose
+tasks are done help the last ones finish (the others keep one: a second thread costs CPU
+in handing over the GIL); the driver keeps at most `max_in_flight` tasks pending, so
+memory is bounded by shards in flight, not by the number of images. Plain tasks rather
+than Ray Data's read/map/write: the README's benchmark section has the measurement.
 """
 
 from __future__ import annotations
 
 import collections
 import csv
-import functools
-import hashlib
 import io
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,46 +52,17 @@ from tqdm import tqdm
 
 from pipeline.cluster import cluster_cpus, spread_over_nodes
 from pipeline.config import ShardParams
-from pipeline.data.preprocess import Processed, preprocess_image
-from pipeline.data.records import SPLITS, QuarantineRow, Record, read_record
-from pipeline.data.shard_encoding import encode
-from pipeline.data.shards import FORMATS, META, QUARANTINE, ShardMeta, shard_path
-from pipeline.storage import (
-    absolute,
-    atomic_write_bytes,
-    is_remote,
-    join,
-    publish_dir,
-    sync_paths,
-    write_file,
-)
+from pipeline.data.records import SPLITS, QuarantineRow, Record
+from pipeline.data.shard_task import TAIL_THREADS, ShardFile, ShardJob, ShardReport, load, write_shard
+from pipeline.data.shards import FORMATS, META, QUARANTINE, ShardMeta
+from pipeline.storage import absolute, atomic_write_bytes, is_remote, publish_dir, sync_paths
 
 FMT_CHOICES = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": FORMATS}
-TAIL_THREADS = 2  # per shard task of the last wave (module docstring, "Parallelism")
 QUARANTINE_HEADER = ("split", "path", "reason")
 
 
 class TooManyBadFilesError(RuntimeError):
     """More inputs were quarantined than `max_bad_fraction` allows."""
-
-
-@dataclass(frozen=True)
-class _ShardJob:
-    """One Ray task's work: the records of one shard and where its files go."""
-
-    split: str
-    index: int
-    records: list[Record]
-    target: str  # where its files go: the local staging folder, or the shard store
-    in_store: bool
-    formats: tuple[str, ...]
-    size: int
-    quality: int
-    threads: int  # preprocessing threads: 1, or TAIL_THREADS in the last wave
-
-    def file(self, fmt: str, sha256: str) -> str:
-        """Path or URI of this job's `fmt` file, whose content has `sha256`."""
-        return join(self.target, shard_path(fmt, self.split, self.index, sha256 if self.in_store else ""))
 
 
 def plan_shards(records: Sequence[Record], shard_size: int, seed: int) -> dict[str, list[list[Record]]]:
@@ -169,7 +137,7 @@ def write_shards(
     cpus = cluster_cpus()
     last_wave = len(shards) - cpus
     jobs = [
-        _ShardJob(
+        ShardJob(
             split, i, recs, target, bool(store), formats, settings.size, settings.quality,
             threads=TAIL_THREADS if n >= last_wave else 1,
         )
@@ -188,7 +156,7 @@ def write_shards(
             f"{metrics['bad_fraction']:.4%}) > max_bad_fraction={settings.max_bad_fraction}; "
             f"see {out / QUARANTINE}"
         )
-    meta = _manifest(out, classes, names, settings, jobs, results, metrics)
+    meta = _manifest(out, classes, names, settings, results, metrics)
     atomic_write_bytes(staging / META, meta.to_json())
     publish_dir(staging, out)
     return metrics
@@ -196,16 +164,15 @@ def write_shards(
 
 def _manifest(
     out: Path, classes: Sequence[str], names: Sequence[str] | None, settings: ShardParams,
-    jobs: list[_ShardJob], results: list[dict], metrics: dict,
+    results: list[ShardReport], metrics: dict,
 ) -> ShardMeta:  # fmt: skip
     """meta.json of a complete output: classes, counts, settings, every shard file with its
-    image count, length and SHA-256 (jobs and results in the same order)."""
+    image count, length and SHA-256 (results in shard order)."""
     formats = FMT_CHOICES[settings.format]
-    done = list(zip(jobs, results, strict=True))
 
-    def per_file(value: Callable[[_ShardJob, dict, int], object]) -> dict[str, dict[str, list]]:
+    def per_file(value: Callable[[ShardFile], object]) -> dict[str, dict[str, list]]:
         return {
-            fmt: {s: [value(j, r, k) for j, r in done if j.split == s] for s in SPLITS}
+            fmt: {s: [value(r.files[k]) for r in results if r.split == s] for s in SPLITS}
             for k, fmt in enumerate(formats)
         }
 
@@ -221,10 +188,10 @@ def _manifest(
         format=settings.format,
         shard_size=settings.shard_size,
         seed=settings.seed,
-        shards=per_file(lambda _, r, k: r["files"][k][2]),
-        sizes={s: [r["sharded"] for r in results if r["split"] == s] for s in SPLITS},  # results in job order
-        nbytes=per_file(lambda _, r, k: r["files"][k][0]),
-        sha256=per_file(lambda _, r, k: r["files"][k][1]),
+        shards=per_file(lambda f: f.listed),
+        sizes={s: [r.sharded for r in results if r.split == s] for s in SPLITS},
+        nbytes=per_file(lambda f: f.nbytes),
+        sha256=per_file(lambda f: f.sha256),
     )
 
 
@@ -241,22 +208,22 @@ def _fresh_staging(out: Path, formats: tuple[str, ...]) -> Path:
 
 def _summarise(
     plan: dict[str, list[list[Record]]],
-    results: list[dict],
+    results: list[ShardReport],
     seconds: float,
     quarantined: Sequence[QuarantineRow],
 ) -> tuple[dict, list[tuple[str, str, str]]]:
     """The stage's metrics and every quarantine row: ingestion's, then the shard tasks'."""
     inputs = {s: sum(len(r) for r in plan[s]) + sum(row[0] == s for row in quarantined) for s in SPLITS}
-    bad_rows = [*quarantined, *(row for r in results for row in r["quarantine"])]
+    bad_rows = [*quarantined, *(row for r in results for row in r.quarantine)]
     total = sum(inputs.values())
     metrics = {
         "inputs": inputs,
-        "sharded": {s: sum(r["sharded"] for r in results if r["split"] == s) for s in SPLITS},
+        "sharded": {s: sum(r.sharded for r in results if r.split == s) for s in SPLITS},
         "quarantined": {s: sum(1 for row in bad_rows if row[0] == s) for s in SPLITS},
         "bad_fraction": len(bad_rows) / total,
         "seconds": seconds,
         "images_per_s": total / seconds,
-        "shards_per_node": dict(collections.Counter(r["node"] for r in results)),  # Ray node id -> shards
+        "shards_per_node": dict(collections.Counter(r.node for r in results)),  # Ray node id -> shards
     }
     return metrics, bad_rows
 
@@ -274,123 +241,48 @@ def warm_workers() -> list[ray.ObjectRef]:
     Returns:
         The tasks' refs; `ray.get` them to wait until the workers are ready.
     """
-    task = ray.remote(_loaded)
+    task = ray.remote(load)
     return [task.options(scheduling_strategy=s).remote() for s in spread_over_nodes(cluster_cpus())]
 
 
-def _loaded() -> None:
-    """Ray task: running it imported this module; an empty Parquet part sets up the writer."""
-    encode("parquet", [])
-
-
-def _run_jobs(jobs: list[_ShardJob], max_in_flight: int, progress: bool) -> list[dict]:
+def _run_jobs(jobs: list[ShardJob], max_in_flight: int, progress: bool) -> list[ShardReport]:
     """Runs one Ray task per job, at most `max_in_flight` pending; results in job order.
 
     Every shard file and folder is on disk (fsynced) when this returns.
     """
-    remote = ray.remote(_write_shard)
+    remote = ray.remote(write_shard)
     # One slot per task in flight, dealt out to the nodes by their CPUs; a finished task's
     # slot takes the next job, so a node gets work as it frees a core.
     free_slots = collections.deque(spread_over_nodes(max_in_flight))
-    results: list[dict | None] = [None] * len(jobs)
+    results: list[ShardReport] = [None] * len(jobs)  # type: ignore[list-item]
     pending: dict[ray.ObjectRef, tuple[int, object]] = {}  # -> (job index, its slot)
     bar = tqdm(total=sum(len(j.records) for j in jobs), unit="img", disable=not progress)
-    next_job = 0
+    todo = iter(range(len(jobs)))
+
+    def launch() -> None:  # the next jobs into the free slots
+        while free_slots and (n := next(todo, None)) is not None:
+            slot = free_slots.popleft()
+            pending[remote.options(scheduling_strategy=slot).remote(jobs[n])] = (n, slot)
+
+    launch()
     with ThreadPoolExecutor(1, thread_name_prefix="fsync") as syncer:
         synced = []
-        while next_job < len(jobs) or pending:
-            while next_job < len(jobs) and free_slots:
-                slot = free_slots.popleft()
-                pending[remote.options(scheduling_strategy=slot).remote(jobs[next_job])] = (next_job, slot)
-                next_job += 1
+        while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
             i, slot = pending.pop(done)
             free_slots.append(slot)
+            launch()  # before handing the fsync over: that thread taking the GIL would delay it
             results[i] = ray.get(done)
             if not is_remote(jobs[i].target):  # an object is durable once its upload completed
-                synced.append(syncer.submit(sync_paths, _written(jobs[i], results[i])))
+                synced.append(syncer.submit(sync_paths, results[i].written(jobs[i])))
             bar.update(len(jobs[i].records))
         for future in synced:
             future.result()  # re-raises a failed fsync
     bar.close()
     if not is_remote(jobs[0].target):
-        written = (uri for job, r in zip(jobs, results, strict=True) for uri in _written(job, r))
+        written = (uri for job, r in zip(jobs, results, strict=True) for uri in r.written(job))
         sync_paths({str(Path(uri).parent) for uri in written})
     return results
-
-
-def _written(job: _ShardJob, result: dict) -> list[str]:
-    """The files `_write_shard` wrote for `job`."""
-    return [job.file(fmt, sha256) for fmt, (_, sha256, _) in zip(job.formats, result["files"], strict=True)]
-
-
-def _write_shard(job: _ShardJob) -> dict:
-    """Ray task body: preprocess one shard's records, write its files atomically."""
-    kept: list[tuple[Record, Processed]] = []
-    quarantine = []
-    for rec, result in _preprocess_records(job.records, job.size, job.quality, job.threads):
-        if isinstance(result, Processed):
-            kept.append((rec, result))
-        else:
-            quarantine.append((rec.split, rec.path, result))
-    files = []
-    for fmt in job.formats:
-        pieces = encode(fmt, kept)
-        digest = hashlib.sha256()
-        for piece in pieces:
-            digest.update(piece)
-        uri = job.file(fmt, digest.hexdigest())
-        # fsync=False: _run_jobs fsyncs them on the driver (module docstring, "Atomicity").
-        write_file(uri, pieces, fsync=False)
-        # meta.json's path: relative to the output folder, or the store's full URI.
-        listed = uri if job.in_store else shard_path(fmt, job.split, job.index)
-        files.append((sum(map(len, pieces)), digest.hexdigest(), listed))
-    return {
-        "split": job.split,
-        "index": job.index,
-        "sharded": len(kept),
-        "files": files,  # (bytes, sha256, path for meta.json) per format
-        "quarantine": quarantine,
-        "node": ray.get_runtime_context().get_node_id(),  # where the work ran, for the stage metrics
-    }
-
-
-def _preprocess_records(
-    records: list[Record], size: int, quality: int, threads: int
-) -> list[tuple[Record, Processed | str]]:
-    """Every record's stored image or quarantine reason, in record order.
-
-    With more threads, each loops over every `threads`-th record: a future per image
-    would wake the task's thread (and pass the GIL) for every image.
-    """
-
-    def run(part: list[Record]) -> list[tuple[Record, Processed | str]]:
-        return [_preprocess_record(rec, size, quality) for rec in part]
-
-    if threads == 1:
-        return run(records)
-    parts = [_task_threads().submit(run, records[i::threads]) for i in range(threads)]
-    results: list[tuple[Record, Processed | str]] = [None] * len(records)  # type: ignore[list-item]
-    for i, part in enumerate(parts):
-        results[i::threads] = part.result()
-    return results
-
-
-def _preprocess_record(rec: Record, size: int, quality: int) -> tuple[Record, Processed | str]:
-    """One record -> its stored image, or the reason it goes to the quarantine report."""
-    try:
-        data = rec.pixels if rec.pixels is not None else read_record(rec)
-    except OSError as err:
-        return rec, f"unreadable file: {err}"
-    result = preprocess_image(data, size=size, quality=quality)
-    return rec, result if isinstance(result, Processed) else result.reason
-
-
-@functools.cache
-def _task_threads() -> ThreadPoolExecutor:
-    """This worker process's TAIL_THREADS preprocessing threads, made once
-    (`preprocess_image` releases the GIL in libjpeg-turbo and torch)."""
-    return ThreadPoolExecutor(TAIL_THREADS, thread_name_prefix="preprocess")
 
 
 def _write_quarantine(path: Path, rows: list[tuple[str, str, str]]) -> None:

@@ -4,7 +4,7 @@ driver, and separately of the Ray worker process running a shard task.
 The previous output stays readable and unchanged while the killed run's staging folder
 holds its partial shards; the rerun (driver killed) or the retried task (worker killed)
 ends with an output byte-identical to an undisturbed run's. Kills are timed on what is on
-disk (a shard file in staging) or running (a worker titled `ray::_write_shard`).
+disk (a shard file in staging) or running (a worker titled `ray::write_shard`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def shard_task_worker(stage_pid: int) -> psutil.Process | None:
         return None
     for p in procs:
         try:
-            if p.cmdline()[:1] == ["ray::_write_shard"]:
+            if p.cmdline()[:1] == ["ray::write_shard"]:
                 return p
         except psutil.Error:
             continue
