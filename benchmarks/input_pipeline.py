@@ -6,9 +6,9 @@ with `write_shards` (cached too), then measures images/s delivered to a training
 batched, augmented float tensors (decode, random crop, flip, PCA lighting, normalise) on
 the same images and the same cores:
 
-- real: what a training worker runs: `shard_rows` (the worker's shard files through Ray
-  Data, in order) -> `epoch_batches` -> `augmented_batches` (TrainAugment threads, two
-  batches in flight);
+- real: what a training worker runs: `train_rows` (the worker's shard files through Ray
+  Data, in order, each epoch's reading started as the previous one's rows run out) ->
+  `epoch_batches` -> `augmented_batches` (TrainAugment threads, two batches in flight);
 - imagefolder: torchvision `ImageFolder` over the raw JPEGs + `DataLoader(num_workers)`
   with RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize;
 - floor: the same TrainAugment over the shards read with pyarrow, batches in order,
@@ -47,7 +47,7 @@ from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
 from pipeline.data.shards import ShardMeta  # noqa: E402
 from pipeline.data.stats import ColorStats  # noqa: E402
-from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows, train_rows  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
 # The usual ImageNet statistics (fb.resnet.torch's mean, std and RGB eigenpairs): the
@@ -165,9 +165,13 @@ def main(argv: list[str] | None = None) -> None:
 
     epoch = iter(range(1_000_000))  # a fresh epoch (a fresh shuffle) per pass, as in training
 
+    rows = train_rows(
+        ShardMeta.read(str(shards)), "parquet", args.batch, seed=SEED, rank=0, world=1, epochs=args.epochs
+    )
+
     def real() -> int:
         e = next(epoch)
-        batches = epoch_batches(shard_rows(files, "parquet", args.batch, digests), args.batch, SEED, e)
+        batches = epoch_batches(rows.epoch(e), args.batch, SEED, e)
         return consume(augmented_batches(batches, augment, SEED, e, 0))
 
     def iterator_only(shuffled: bool) -> Callable[[], int]:

@@ -8,10 +8,10 @@ batches with the same work per image, our `TrainAugment` (decode, random crop, f
 PCA lighting, normalise), on the same --cpus cores:
 
 - ours: a Ray Train worker's input path (pipeline.train.batches, as pipeline.train.loop
-  runs it): its shard files of the epoch (`worker_files`), read by Ray Data one task per
-  file (`shard_rows`) -> `epoch_batches` -> `augmented_batches` (TrainAugment on --cpus
-  threads), over our Parquet shards (data.format's default) and, for reference, our
-  WebDataset shards;
+  runs it): its shard files of the epoch, read by Ray Data one task per file, each
+  epoch's reading started once the previous epoch's rows are all in (`train_rows`) ->
+  `epoch_batches` -> `augmented_batches` (TrainAugment on --cpus threads), over our
+  Parquet shards (data.format's default) and, for reference, our WebDataset shards;
 - litdata: `StreamingDataset` + `StreamingDataLoader` (litdata 0.2.76) over its chunks;
 - mds: MosaicML `StreamingDataset` (mosaicml-streaming 0.13.0) + `DataLoader` over MDS;
 - webdataset: the `webdataset` library's `WebDataset` + `WebLoader` over OUR tars;
@@ -22,7 +22,9 @@ batches (its collate_fn), in the peers' venv (benchmarks/peers_env.py).
 
 Clock rules, the same for all: start-up is counted for none. Each path runs one untimed
 pass first (it starts the loader's worker processes, which persist; our Ray is up before
-it), then --epochs timed passes. Other users share the cores, so the paths run in
+it), then --epochs timed passes, back to back, each clocked from the end of the one
+before (ours reads ahead into the next epoch, as training does: the last timed pass
+pays for reading into an epoch nobody asks for). Other users share the cores, so the paths run in
 --rounds rounds in rotated order; each path's best pass counts, and every pass also
 reports the CPU seconds all the path's processes spent per image (benchmarks/rounds.py).
 The last line is `read_vs_best_peer: X` (ours over Parquet, images/s, over the fastest
@@ -55,7 +57,7 @@ from pipeline.config import ShardParams  # noqa: E402
 from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
 from pipeline.data.shards import ShardMeta  # noqa: E402
-from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows, worker_files  # noqa: E402
+from pipeline.train.batches import augmented_batches, epoch_batches, train_rows  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
 SIZE = 256
@@ -96,14 +98,14 @@ def ensure_data(corpus: Path, out: Path, workers: int) -> None:
 
 def ours(shards: Path, fmt: str, args: argparse.Namespace) -> list[Run]:
     """--epochs timed passes of our training input path (one worker), after an untimed one."""
-    digests = ShardMeta.read(str(shards)).digests("train", fmt)  # checked as in training
-    files = list(digests)
+    meta = ShardMeta.read(str(shards))  # digests checked as in training
+    rows = train_rows(meta, fmt, args.batch, seed=SEED, rank=0, world=1, epochs=1 + args.epochs)
     augment = TrainAugment(STATS, args.crop, PCA_STD, threads=args.cpus)
     runs = []
     for epoch in range(1 + args.epochs):
         cpu, start = cpu_seconds(), time.perf_counter()
-        rows = shard_rows(worker_files(files, SEED, epoch, 0, 1), fmt, args.batch, digests)
-        n = consume(augmented_batches(epoch_batches(rows, args.batch, SEED, epoch), augment, SEED, epoch, 0))
+        batches = epoch_batches(rows.epoch(epoch), args.batch, SEED, epoch)
+        n = consume(augmented_batches(batches, augment, SEED, epoch, 0))
         if epoch:
             runs.append(Run(n, time.perf_counter() - start, cpu_seconds() - cpu))
     augment.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.train.batches import epoch_batches, worker_files
+from pipeline.train.batches import EpochRows, epoch_batches, worker_files
 
 ROWS = 103  # not a multiple of the batch: the last batch is partial
 
@@ -55,3 +55,34 @@ def test_workers_share_every_file_once(world: int) -> None:
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert worker_files(files, 0, 0, 0, 2) != worker_files(files, 0, 1, 0, 2)  # fresh every epoch
     assert worker_files(files, 0, 1, 0, 2) == worker_files(files, 0, 1, 0, 2)  # and reproducible
+
+
+def test_epoch_rows_start_each_epoch_as_the_last_one_runs_out(ray_local: None) -> None:
+    calls: list[int] = []
+
+    def read(epoch: int):
+        calls.append(epoch)
+        ds = dataset(3).map(lambda row, e=epoch: {**row, "key": f"{row['key']}-e{e}"})  # whose rows
+        return ds.iter_batches(batch_size=10, batch_format="numpy")
+
+    rows = EpochRows(read, epochs=3, ahead=2)
+    for epoch in range(3):
+        chunks = rows.epoch(epoch)
+        first = next(chunks)
+        assert calls == list(range(epoch + 1))  # the next epoch not read before this one's rows are in
+        got = [*first["key"], *(k for c in chunks for k in c["key"])]
+        assert got == [f"k{i:03d}-e{epoch}" for i in range(ROWS)]  # every row, in order
+        assert calls == list(range(min(epoch + 2, 3)))  # read ahead now; never past the last epoch
+
+
+def test_epoch_rows_read_an_epoch_asked_out_of_turn_afresh(ray_local: None) -> None:
+    calls: list[int] = []
+
+    def read(epoch: int):
+        calls.append(epoch)
+        return dataset(2).iter_batches(batch_size=10, batch_format="numpy")
+
+    rows = EpochRows(read, epochs=4, ahead=1)
+    assert sum(len(c["key"]) for c in rows.epoch(2)) == ROWS  # a resumed run starts at its epoch
+    assert calls == [2, 3]
+    assert sum(len(c["key"]) for c in rows.epoch(3)) == ROWS and calls == [2, 3]

@@ -15,18 +15,20 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.data.shards import read_shard_files
+from pipeline.data.shards import ShardMeta, read_shard_files
 from pipeline.transforms import Augmenter
 
 # CPUs each shard-file read task requests: reading and hashing a file is light beside the
 # workers' decoding, and a node whose workers hold all but half a CPU must still feed them.
 READ_CPUS = 0.5
+
+Chunks = Iterator[dict[str, np.ndarray]]  # rows in numpy chunks: {"key", "label", "jpeg"}
 
 
 def worker_files(files: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
@@ -99,6 +101,53 @@ def shard_rows(
     return ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch)
 
 
+def train_rows(
+    shards: ShardMeta, fmt: str, batch_size: int, *, seed: int, rank: int, world: int, epochs: int
+) -> EpochRows:
+    """A training worker's rows for every epoch: its `worker_files` share of the train
+    files, read by `shard_rows` in chunks of `batch_size` and checked against their
+    digests, each epoch's reading started a shuffle pool's worth of chunks ahead
+    (`EpochRows`)."""
+    digests = shards.digests("train", fmt)
+
+    def read(epoch: int) -> Chunks:
+        return shard_rows(worker_files(list(digests), seed, epoch, rank, world), fmt, batch_size, digests)
+
+    return EpochRows(read, epochs, ahead=-(-pool_rows(batch_size) // batch_size))
+
+
+def pool_rows(batch_size: int) -> int:
+    """Rows `epoch_batches` holds before it draws a batch: its shuffle buffer and one batch."""
+    return max(4 * batch_size, 1024) + batch_size
+
+
+class EpochRows:
+    """A worker's rows epoch after epoch, each epoch's reading started before it is due.
+
+    `epoch(e)` yields epoch e's chunks (`read(e)`, e.g. `shard_rows` of the worker's
+    files); once they have all arrived, epoch e + 1's reading starts in the background
+    and runs `ahead` chunks ahead: Ray Data plans it and its first shards arrive while
+    epoch e's last rows are still shuffled, trained on and validated, so no epoch but the
+    first begins by waiting for its shards. Ask for epochs in order; the rows are the
+    same as without reading ahead.
+    """
+
+    def __init__(self, read: Callable[[int], Chunks], epochs: int, ahead: int) -> None:
+        """`read(e)`: epoch e's chunks; `epochs`: how many there are (none read past them)."""
+        self._read, self._epochs, self._ahead = read, epochs, ahead
+        self._next: tuple[int, Chunks] | None = None
+
+    def epoch(self, epoch: int) -> Chunks:
+        """Epoch `epoch`'s chunks, in `read`'s order."""
+        started, self._next = self._next, None
+        yield from started[1] if started and started[0] == epoch else self._started(epoch)
+        if epoch + 1 < self._epochs:
+            self._next = (epoch + 1, self._started(epoch + 1))
+
+    def _started(self, epoch: int) -> Chunks:
+        return run_ahead(self._read(epoch), self._ahead)
+
+
 def epoch_batches(
     chunks: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int, epoch: int
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -119,7 +168,7 @@ def epoch_batches(
         epoch: 0-based epoch; with the seed it fixes the order, fresh every epoch.
     """
     rng = np.random.default_rng([seed, epoch])
-    full = max(4 * batch_size, 1024) + batch_size
+    full = pool_rows(batch_size)
     pool: list[tuple[Any, int, bytes]] = []  # (key, label, jpeg) rows
 
     def batch(rows: list[tuple[Any, int, bytes]]) -> dict[str, np.ndarray]:

@@ -39,12 +39,14 @@ from pipeline.data.stats import ColorStats
 from pipeline.scoring import hits, top_classes
 from pipeline.tracking import RunRef
 from pipeline.train.batches import (
+    EpochRows,
     augmented_batches,
     epoch_batches,
     run_ahead,
     shard_rows,
     step_totals,
     torch_seed,
+    train_rows,
     worker_files,
 )
 from pipeline.train.checkpoints import STATE_FILE, checkpoint_name, require_checkpoint_space, resume_state
@@ -279,7 +281,9 @@ def _make_augment(cfg: WorkerConfig, device: torch.device) -> Augmenter:
     return TrainAugment(cfg.stats, p.crop, p.pca_std, threads=p.augment_threads)
 
 
-def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torch.device) -> dict[str, float]:
+def _epoch(
+    run: _Run, model, augment: Augmenter, rows: EpochRows, cfg: WorkerConfig, device: torch.device
+) -> dict[str, float]:
     """Trains and validates one epoch; returns its metrics (summed over all workers)."""
     import ray.train
 
@@ -292,8 +296,7 @@ def _epoch(run: _Run, model, augment: Augmenter, cfg: WorkerConfig, device: torc
     sizes = cfg.shards.file_sizes("train", cfg.fmt)
     shares = [worker_files(list(sizes), p.seed, epoch, r, world) for r in range(world)]
     totals = step_totals([sum(sizes[f] for f in share) for share in shares], local_batch)
-    rows = shard_rows(shares[rank], cfg.fmt, local_batch, cfg.shards.digests("train", cfg.fmt))
-    batches = epoch_batches(rows, local_batch, p.seed, epoch)
+    batches = epoch_batches(rows.epoch(epoch), local_batch, p.seed, epoch)
     batches = augmented_batches(batches, augment, p.seed, epoch, rank)
     steps = len(totals)
     warm = lambda i: run.sched.apply(run.opt, epoch + (i + 1) / steps)  # noqa: E731 - lr per step
@@ -370,7 +373,12 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)
     augment = _make_augment(cfg, device)
-    logger = EpochLogger(cfg.mlflow) if ctx.get_world_rank() == 0 and cfg.mlflow else None
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    p = cfg.train
+    rows = train_rows(
+        cfg.shards, cfg.fmt, p.batch_size // world, seed=p.seed, rank=rank, world=world, epochs=p.epochs
+    )
+    logger = EpochLogger(cfg.mlflow) if rank == 0 and cfg.mlflow else None
     if logger:
         logger.backfill(run.history)
     # A diverged run stops after the epoch that shows it (every worker sees the same
@@ -380,12 +388,12 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
         and not run.sched.stop
         and not check_history(run.history, cfg.num_classes, cfg.divergence)
     ):
-        metrics = _epoch(run, model, augment, cfg, device)
+        metrics = _epoch(run, model, augment, rows, cfg, device)
         run.sched.step(metrics["val_top1_error"])
         run.history.append(metrics)
         _checkpoint(run, metrics, cfg)
         if logger:  # after the checkpoint: a crash before it reruns (and logs) the epoch once
             logger.log_epoch(metrics)
-        if ctx.get_world_rank() == 0:  # a log record: Ray Train's patched print would tee it twice
+        if rank == 0:  # a log record: Ray Train's patched print would tee it twice
             _log.info(progress_line(run.history, cfg.train.epochs))
     augment.close()
