@@ -45,7 +45,7 @@ class ShardJob:
         return join(self.target, shard_path(fmt, self.split, self.index, sha256 if self.in_store else ""))
 
 
-class ShardFile(NamedTuple):
+class WrittenFile(NamedTuple):
     """One file a task wrote, as meta.json lists it."""
 
     nbytes: int
@@ -60,7 +60,7 @@ class ShardReport:
     split: str
     index: int
     sharded: int  # images written
-    files: list[ShardFile]  # one per format, in the job's order
+    files: list[WrittenFile]  # one per format, in the job's order
     quarantine: list[QuarantineRow]
     node: str  # Ray node id of where it ran, for the stage's metrics
 
@@ -87,7 +87,7 @@ def write_shard(job: ShardJob) -> ShardReport:
         uri = job.file(fmt, digest.hexdigest())
         write_file(uri, pieces, fsync=False)
         listed = uri if job.in_store else shard_path(fmt, job.split, job.index)
-        files.append(ShardFile(sum(map(len, pieces)), digest.hexdigest(), listed))
+        files.append(WrittenFile(sum(map(len, pieces)), digest.hexdigest(), listed))
     node = ray.get_runtime_context().get_node_id()
     return ShardReport(job.split, job.index, len(kept), files, quarantine, node)
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from pipeline.cluster import cluster_cpus, spread_over_nodes
 from pipeline.config import ShardParams
 from pipeline.data.records import SPLITS, QuarantineRow, Record
-from pipeline.data.shard_task import TAIL_THREADS, ShardFile, ShardJob, ShardReport, load, write_shard
+from pipeline.data.shard_task import TAIL_THREADS, ShardJob, ShardReport, WrittenFile, load, write_shard
 from pipeline.data.shards import FORMATS, META, QUARANTINE, ShardMeta
 from pipeline.storage import absolute, atomic_write_bytes, is_remote, publish_dir, sync_paths
 
@@ -170,7 +170,7 @@ def _manifest(
     image count, length and SHA-256 (results in shard order)."""
     formats = FMT_CHOICES[settings.format]
 
-    def per_file(value: Callable[[ShardFile], object]) -> dict[str, dict[str, list]]:
+    def per_file(value: Callable[[WrittenFile], object]) -> dict[str, dict[str, list]]:
         return {
             fmt: {s: [value(r.files[k]) for r in results if r.split == s] for s in SPLITS}
             for k, fmt in enumerate(formats)
