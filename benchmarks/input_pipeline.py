@@ -47,7 +47,7 @@ from pipeline.data.imagenet import ingest_imagenet  # noqa: E402
 from pipeline.data.shard_writer import write_shards  # noqa: E402
 from pipeline.data.shards import ShardMeta  # noqa: E402
 from pipeline.data.stats import ColorStats  # noqa: E402
-from pipeline.train.batches import augmented_batches, epoch_batches, shard_rows, train_rows  # noqa: E402
+from pipeline.train.batches import augmented_batches, batch_rng, epoch_batches, shard_rows, train_rows  # noqa: E402
 from pipeline.transforms import TrainAugment  # noqa: E402
 
 # The usual ImageNet statistics (fb.resnet.torch's mean, std and RGB eigenpairs): the
@@ -123,8 +123,6 @@ def imagefolder_pass(corpus: Path, crop: int, batch: int, workers: int) -> int:
 def floor_pass(files: list[str], augment: TrainAugment, batch: int) -> int:
     """The same augmentation over batches read with pyarrow, no framework; returns images."""
     import numpy as np
-
-    from pipeline.train.loop import batch_rng
 
     n = 0
     step = 0
