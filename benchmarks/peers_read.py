@@ -24,9 +24,10 @@ Clock rules, the same for all: start-up is counted for none. Each path runs one 
 pass first (it starts the loader's worker processes, which persist; our Ray is up before
 it), then --epochs timed passes, back to back, each clocked from the end of the one
 before (ours reads ahead into the next epoch, as training does: the last timed pass
-pays for reading into an epoch nobody asks for). Other users share the cores, so the paths run in
---rounds rounds in rotated order; each path's best pass counts, and every pass also
-reports the CPU seconds all the path's processes spent per image (benchmarks/rounds.py).
+pays for reading into an epoch nobody asks for). Other users share the cores, so the
+paths run in --rounds rounds in rotated order; each path's best pass counts, and every
+pass also reports the CPU seconds all the path's processes spent per image
+(benchmarks/rounds.py).
 The last line is `read_vs_best_peer: X` (ours over Parquet, images/s, over the fastest
 peer's).
 
